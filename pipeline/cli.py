@@ -1,0 +1,114 @@
+"""Command line: `python -m pipeline run|status CONFIG` (also installed as `mfpo-pipeline`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.runner import Runner, StageStatus
+
+app = typer.Typer(
+    help="MFPO data pipeline: turn a text-preference dataset into an MFPO dataset, resumably.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[str, typer.Argument(help="Pipeline YAML, e.g. pipeline.yaml or examples/quickstart.yaml")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set stages.ingest.limit=100 (repeatable)"),
+]
+
+
+def _load(config: str, overrides: list[str] | None) -> PipelineConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        err_console.print(f"[red]config error:[/red] {err}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Redo this stage and every later one")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run just this stage (its inputs must be done)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo finished shards instead of resuming")] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Run the stages in config order, resuming whatever is already committed."""
+    cfg = _load(config, overrides)
+    runner = Runner(cfg)
+    _console_logging()
+    try:
+        runner.run(from_stage=from_stage, only=only, force=force)
+    except PipelineError as err:
+        _fail(str(err), runner)
+    except Exception as err:
+        _fail(f"{type(err).__name__}: {err}", runner)
+    _print_status(runner.status(), Console())
+
+
+@app.command()
+def status(
+    config: ConfigArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Per stage: done/partial/pending/stale, shards, rows kept and quarantined, fingerprint."""
+    cfg = _load(config, overrides)
+    try:
+        statuses = Runner(cfg).status()
+    except PipelineError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        payload = {"output_dir": str(cfg.output_dir), "stages": [asdict(s) for s in statuses]}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    else:
+        _print_status(statuses, Console())
+
+
+def _console_logging() -> None:
+    logger = logging.getLogger("mfpo")
+    if not any(getattr(h, "_mfpo_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._mfpo_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+def _fail(message: str, runner: Runner) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    err_console.print(f"[red]error:[/red] {first}", highlight=False, soft_wrap=True)
+    if runner.layout.log_path.exists():
+        err_console.print(f"(details in {runner.layout.log_path})", highlight=False)
+    raise typer.Exit(1)
+
+
+def _print_status(statuses: list[StageStatus], console: Console) -> None:
+    table = Table(title="stages")
+    for col in ("stage", "state", "shards", "rows in", "kept", "quarantined", "fingerprint"):
+        table.add_column(col, justify="right" if col in ("rows in", "kept", "quarantined") else "left")
+    for s in statuses:
+        shards = f"{s.shards_done}/{s.num_shards}" if s.num_shards is not None else "-"
+        reasons = ", ".join(f"{k} {v}" for k, v in s.reasons.items())
+        q = f"{s.rows_quarantined}" + (f" ({reasons})" if reasons else "")
+        table.add_row(s.name, s.state, shards, str(s.rows_in), str(s.rows_kept), q, s.fingerprint)
+    console.print(table)
+
+
+def main() -> None:
+    app()

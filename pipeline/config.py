@@ -1,0 +1,197 @@
+"""Pipeline configuration: YAML (safe_load) + `--set key.path=value` overrides, validated by pydantic.
+
+Every error names the full key path; an unknown key gets a did-you-mean; a bad value lists what is
+allowed. All errors are reported at once, before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from pipeline.errors import ConfigError
+from pipeline.registry import get_stage
+from pipeline.stage import StageConfig, StrictModel
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(
+        None, description="Cluster to join (ray://host:10001 or host:6379); unset: RAY_ADDRESS or embedded."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local cluster.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded local cluster.")
+
+
+class RunConfig(StrictModel):
+    name: str = Field("mfpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str | None = Field(None, description="Default: outputs/<run.name>.")
+    seed: int = 0
+    shard_size: int = Field(256, ge=1, le=100_000, description="Rows per shard (unit of work and commit).")
+    executor: Literal["local", "ray"] = "ray"
+    ray: RayConfig = Field(default_factory=RayConfig)
+    progress: bool = True
+
+
+class _RawPipelineConfig(StrictModel):
+    run: RunConfig = Field(default_factory=RunConfig)
+    stages: dict[str, dict[str, Any] | None]
+
+
+@dataclass
+class PipelineConfig:
+    """A validated configuration: run settings and the ordered stage configs."""
+
+    run: RunConfig
+    stages: dict[str, StageConfig]  # in execution order
+    source_path: Path | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or f"outputs/{self.run.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What determines the results (for cards and summaries): no paths, no scheduling settings."""
+        run = self.run.model_dump(mode="json", exclude={"output_dir", "ray", "executor", "progress"})
+        return {"run": run, "stages": {n: c.model_dump(mode="json") for n, c in self.stages.items()}}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with `run` and `stages`")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = parse_config(raw, origin=str(path))
+    cfg.source_path = path
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`stages.perturb.timestep=300`: the value is parsed as YAML (numbers, booleans, lists)."""
+    key, sep, value = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key.strip()):
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set stages.ingest.limit=100")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
+
+
+def parse_config(raw: dict[str, Any], origin: str = "config") -> PipelineConfig:
+    problems: list[str] = []
+    try:
+        top = _RawPipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(origin, _messages(err, _RawPipelineConfig, ()))) from None
+    if not top.stages:
+        raise ConfigError(f"{origin}: `stages` is empty; list at least `ingest` and `write`")
+    stages: dict[str, StageConfig] = {}
+    for name, body in top.stages.items():
+        try:
+            stage_cls = get_stage(name)
+        except ConfigError as err:
+            problems.append(str(err))
+            continue
+        try:
+            stages[name] = stage_cls.Config.model_validate(body or {})
+        except ValidationError as err:
+            problems.extend(_messages(err, stage_cls.Config, ("stages", name)))
+    if not problems:
+        problems.extend(_check_order(stages))
+    if problems:
+        raise ConfigError(_format(origin, problems))
+    return PipelineConfig(run=top.run, stages=stages)
+
+
+def _check_order(stages: dict[str, StageConfig]) -> list[str]:
+    """Every stage's input columns must be produced by an earlier stage; the first must be a source."""
+    problems: list[str] = []
+    produced: set[str] = set()
+    for i, name in enumerate(stages):
+        cls = get_stage(name)
+        if i == 0 and not cls.is_source:
+            problems.append(f"stages: the first stage must read a source (e.g. ingest), not {name!r}")
+        if i > 0 and cls.is_source:
+            problems.append(f"stages.{name}: a source stage must come first")
+        if isinstance(cls.inputs, tuple):
+            missing = [c for c in cls.inputs if c not in produced]
+            if missing:
+                problems.append(
+                    f"stages.{name}: needs column(s) {', '.join(missing)} that no earlier stage produces; "
+                    "reorder `stages` or add the stage that makes them"
+                )
+        produced.update(cls.outputs)
+    return problems
+
+
+def _format(origin: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{origin}: {problems[0]}"
+    return f"{origin}: {len(problems)} problems:\n  " + "\n  ".join(problems)
+
+
+def _messages(err: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for e in err.errors():
+        loc = prefix + tuple(str(p) for p in e["loc"])
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, [p for p in e["loc"][:-1] if isinstance(p, str)])
+            allowed = sorted(parent.model_fields) if parent else []
+            hint = get_close_matches(str(e["loc"][-1]), allowed, n=1, cutoff=0.6)
+            msg = "unknown key"
+            msg += f"; did you mean {hint[0]!r}?" if hint else f" (allowed: {', '.join(allowed)})"
+            out.append(f"{key}: {msg}")
+        elif e["type"] == "missing":
+            parent = _model_at(model, [p for p in e["loc"][:-1] if isinstance(p, str)])
+            info = parent.model_fields.get(str(e["loc"][-1])) if parent else None
+            hint = f" ({info.description})" if info is not None and info.description else ""
+            out.append(f"{key}: required key is missing{hint}")
+        else:
+            out.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return out
+
+
+def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    current: type[BaseModel] | None = model
+    for part in path:
+        if current is None or part not in current.model_fields:
+            return None
+        current = _first_model(current.model_fields[part].annotation)
+    return current
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found = _first_model(arg)
+            if found is not None:
+                return found
+    return None

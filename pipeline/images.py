@@ -1,0 +1,112 @@
+"""Bounded, validated image decoding shared by the stages.
+
+`validate_image` is the gate every source image passes at ingest: size bounds before decoding
+(decompression bombs), a full decode (truncated files), EXIF orientation applied, any mode (palette,
+CMYK, 16-bit, alpha) converted to 8-bit RGB. Later stages call `decode_rgb` on stored images, which
+are already clean.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import RowError
+
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+_KEEP_AS_IS = {"JPEG", "PNG", "WEBP"}
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    min_side: int = 16
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+
+
+@dataclass(frozen=True)
+class CleanImage:
+    data: bytes  # encoded image: the original bytes when they were already clean RGB, else PNG
+    width: int
+    height: int
+    reencoded: bool
+
+
+def validate_image(data: bytes, limits: ImageLimits) -> CleanImage:
+    """Decode, bound and normalise one image; raise RowError('image: ...') with a specific reason."""
+    if not data:
+        raise RowError("image: empty file (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise RowError(f"image: {len(data)} bytes exceeds image.max_bytes={limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RowError(f"image: decompression bomb refused before decoding ({err})") from None
+    except UnidentifiedImageError:
+        raise RowError(
+            f"image: not a decodable image (accepted formats: {', '.join(limits.formats)})", payload=data
+        ) from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise RowError(f"image: corrupt header ({err})", payload=data) from None
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise RowError(
+            f"image: decompression bomb refused before decoding: {width}x{height} = {width * height} "
+            f"pixels exceeds image.max_pixels={limits.max_pixels}"
+        )
+    fmt = img.format
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError) as err:
+        raise RowError(f"image: truncated or corrupt data ({err})", payload=data) from None
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    source_mode = img.mode
+    img = ImageOps.exif_transpose(img) or img
+    rgb = to_rgb(img)
+    if min(rgb.size) < limits.min_side:
+        raise RowError(f"image: too small ({rgb.width}x{rgb.height}; image.min_side={limits.min_side})")
+    if fmt in _KEEP_AS_IS and source_mode == "RGB" and orientation in (None, 1):
+        return CleanImage(data, rgb.width, rgb.height, reencoded=False)
+    return CleanImage(encode_png(rgb), rgb.width, rgb.height, reencoded=True)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB. Alpha is composited over white; 16-bit keeps its top 8 bits."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        # PIL's own I;16 -> L conversion clips at 255 instead of rescaling: scale 16-bit data down.
+        if mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = np.clip(arr, 0, 65535) >> 8
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def decode_rgb(image: dict | bytes) -> np.ndarray:
+    """A stored image (datasets Image struct or bytes) as an HxWx3 uint8 array."""
+    data = image["bytes"] if isinstance(image, dict) else image
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(to_rgb(img))

@@ -1,0 +1,129 @@
+"""What a worker does with one shard: read its input, run the stage batch by batch, write the outputs.
+
+The same function runs in-process (local executor) and inside Ray actors, so both executors produce
+the same bytes. The completion record is written by the driver once this returns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+from pipeline.stage import Rejection, Stage
+from pipeline.storage import QUARANTINE_SCHEMA, write_parquet
+
+
+@dataclass(frozen=True)
+class InputPart:
+    """Columns to read from one upstream stage's shard."""
+
+    path: str
+    columns: tuple[str, ...]
+
+
+@dataclass
+class ShardTask:
+    shard: int
+    num_shards: int
+    rows_in: int
+    output: str  # absolute path of the output shard
+    quarantine: str  # absolute path of the quarantine shard
+    plan: pa.Table | None = None  # source stages: this shard's slice of the plan
+    survivors: str | None = None  # previous stage's shard: its sample_ids are the rows to process
+    parts: list[InputPart] = field(default_factory=list)
+    columns: tuple[str, ...] = ()  # column order handed to the stage
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    rows_in: int
+    rows_out: int
+    rows_quarantined: int
+    data_sha256: str
+    reasons: dict[str, int]
+
+
+def load_input(task: ShardTask) -> pa.Table:
+    """The rows a stage processes for one shard: upstream columns joined on sample_id."""
+    if task.plan is not None:
+        return task.plan
+    assert task.survivors is not None
+    ids = pq.read_table(task.survivors, columns=["sample_id"]).column("sample_id").combine_chunks()
+    columns: dict[str, pa.ChunkedArray | pa.Array] = {"sample_id": ids}
+    for part in task.parts:
+        table = pq.read_table(part.path, columns=["sample_id", *part.columns])
+        # Every stage keeps its input order and only drops rows, so filtering an earlier stage's shard
+        # by the survivors of the previous one lines the rows up.
+        table = table.filter(pc.is_in(table["sample_id"], value_set=ids))
+        if not table["sample_id"].combine_chunks().equals(ids):
+            raise PipelineError(f"shard {task.shard}: {part.path} is out of step with {task.survivors}")
+        for col in part.columns:
+            columns[col] = table[col]
+    ordered = ["sample_id", *[c for c in task.columns if c != "sample_id"]]
+    return pa.table({c: columns[c] for c in ordered})
+
+
+def reason_kind(reason: str) -> str:
+    """`"image: truncated file"` -> `"image"`: reasons are `kind: details`, counted by kind."""
+    return reason.split(":", 1)[0].strip()[:80]
+
+
+def run_shard(stage: Stage, task: ShardTask, on_rows: Callable[[int], None] | None = None) -> ShardResult:
+    table = load_input(task)
+    schema = stage.output_schema(table.schema)
+    batch_size = stage.resources.batch_size
+    outputs: list[pa.Table] = []
+    rejected: list[Rejection] = []
+    for offset in range(0, table.num_rows, batch_size):
+        batch = table.slice(offset, batch_size)
+        result = stage.process_batch(batch)
+        if not result.table.schema.equals(schema):
+            raise PipelineError(
+                f"stage {stage.name} returned schema {result.table.schema} instead of its declared {schema}"
+            )
+        if result.table.num_rows + len(result.rejected) != batch.num_rows:
+            raise PipelineError(
+                f"stage {stage.name} lost rows: {batch.num_rows} in, {result.table.num_rows} kept, "
+                f"{len(result.rejected)} rejected"
+            )
+        outputs.append(result.table)
+        rejected.extend(result.rejected)
+        if on_rows is not None:
+            on_rows(batch.num_rows)
+    out = pa.concat_tables(outputs) if outputs else schema.empty_table()
+    quarantine = Path(task.quarantine)
+    if rejected:
+        write_parquet(quarantine, _quarantine_table(stage.name, rejected))
+    else:
+        quarantine.unlink(missing_ok=True)  # left by an earlier attempt of a redone stage
+    sha = write_parquet(Path(task.output), out.combine_chunks())
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        kind = reason_kind(r.reason)
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return ShardResult(task.shard, table.num_rows, out.num_rows, len(rejected), sha, dict(sorted(reasons.items())))
+
+
+def _quarantine_table(stage: str, rejected: list[Rejection]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "sample_id": r.sample_id,
+                "stage": stage,
+                "reason": r.reason,
+                # ASCII JSON: the original fields may hold text that is not valid UTF-8.
+                "fields": json.dumps(r.fields, sort_keys=True, ensure_ascii=True, default=repr),
+                "payload": r.payload,
+            }
+            for r in rejected
+        ],
+        schema=QUARANTINE_SCHEMA,
+    )

@@ -1,0 +1,442 @@
+"""ingest: a text-preference dataset (image, question, chosen, rejected) -> validated rows.
+
+Sources: a Hugging Face Hub dataset id (via `datasets`), a local Parquet file or folder, a folder
+written by `save_to_disk`, or a local JSONL/JSON file whose images are paths (relative to the file, or
+to `image_root`) or bytes. Layouts ("format"):
+
+- `rlhf-v`  openbmb/RLHF-V-Dataset: `image`, and `text` = JSON string {question, chosen, rejected}
+- `rlaif-v` openbmb/RLAIF-V-Dataset: `image`, `question`, `chosen`, `rejected` (id column `idx`)
+- `trl`     TRL vision preference: `images` (one image), conversational `prompt`/`chosen`/`rejected`
+- `flat`    any table with `image`, `question`, `chosen`, `rejected` (optional id column `id`)
+- `auto`    detected from the columns
+
+`plan()` fixes the order (seeded shuffle, `limit`), the `sample_id` of every row (the id column, or a
+content hash) and which rows repeat an id. Each shard then reads its rows, decodes and validates every
+image (pipeline.images), checks every text field, and stores the image once, as a datasets Image struct.
+Everything else the source row carries goes to `meta` (JSON), untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from pipeline.errors import PipelineError, RowError
+from pipeline.images import DEFAULT_FORMATS, ImageLimits, validate_image
+from pipeline.registry import register
+from pipeline.stage import IMAGE_TYPE, BatchResult, Rejection, SourceStage, StageConfig, StrictModel, describe_value
+from pipeline.storage import file_sha256
+
+Format = Literal["auto", "rlhf-v", "rlaif-v", "trl", "flat"]
+_LOCAL_TEXT = (".jsonl", ".ndjson", ".json")
+_ID_COLUMNS = {"rlhf-v": ("idx",), "rlaif-v": ("idx",), "flat": ("id", "sample_id", "idx"), "trl": ("id",)}
+_CONSUMED = {
+    "rlhf-v": {"image", "text"},
+    "rlaif-v": {"image", "question", "chosen", "rejected"},
+    "flat": {"image", "question", "chosen", "rejected"},
+    "trl": {"images", "prompt", "chosen", "rejected"},
+}
+SOURCE_TYPE = pa.struct([("dataset", pa.string()), ("split", pa.string()), ("index", pa.int64())])
+
+
+class ImageLimitsConfig(StrictModel):
+    max_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Larger encoded images are quarantined.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Width*height bound, checked before decoding.")
+    min_side: int = Field(16, ge=1, description="Smaller images are quarantined.")
+    formats: list[str] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+
+
+class IngestConfig(StageConfig):
+    source: str = Field(description="Hub dataset id, or a local .jsonl/.json/.parquet file or folder.")
+    format: Format = "auto"
+    split: str = "train"
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    limit: int | None = Field(None, ge=1, description="Keep the first N rows (after shuffling).")
+    shuffle: bool = False
+    id_column: str | None = Field(None, description="Column holding a unique row id; default per format.")
+    image_root: str | None = Field(None, description="Folder that relative image paths are resolved in.")
+    image: ImageLimitsConfig = Field(default_factory=ImageLimitsConfig)
+    max_text_chars: int = Field(20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _source_not_empty(self) -> IngestConfig:
+        if not self.source.strip():
+            raise ValueError("source is empty: give a Hub dataset id or a local file")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- sources
+class _JsonSource:
+    """Local JSONL (or JSON array). Read line by line, by hand, because a reader that parses the whole
+    file (pyarrow, datasets) fails on one bad line; here a bad line becomes one quarantined row."""
+
+    allow_paths = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        data = path.read_bytes()
+        self.records: list[tuple[int, bytes]] = []
+        if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+            items = json.loads(data)
+            self.records = [(i + 1, json.dumps(item).encode()) for i, item in enumerate(items)]
+        else:
+            for lineno, line in enumerate(data.split(b"\n"), start=1):
+                if line.strip():
+                    self.records.append((lineno, line))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def columns(self) -> set[str]:
+        for i in range(min(len(self), 50)):
+            fields, _ = self.row(i)
+            if fields is not None:
+                return set(fields)
+        return set()
+
+    def row(self, i: int) -> tuple[dict[str, Any] | None, str | None]:
+        lineno, line = self.records[i]
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return None, f"text: line {lineno} is not valid UTF-8 (byte {err.start})"
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as err:
+            return None, f"bad row: line {lineno} is not valid JSON ({err.msg} at column {err.colno})"
+        if not isinstance(fields, dict):
+            return None, f"bad row: line {lineno} is not a JSON object"
+        return fields, None
+
+    def raw(self, i: int) -> dict[str, Any]:
+        lineno, line = self.records[i]
+        return {"line": lineno, "raw": line.decode("utf-8", errors="replace")[:2000]}
+
+    def rows(self, indices: list[int], columns: list[str] | None = None) -> list[tuple[dict | None, str | None]]:
+        return [self.row(i) for i in indices]
+
+
+class _DatasetsSource:
+    """Hub dataset, local Parquet, or a save_to_disk folder, through `datasets` (memory-mapped Arrow).
+    Rows are read as raw Arrow, so images stay encoded bytes until this stage validates them."""
+
+    def __init__(self, ds: Any, allow_paths: bool) -> None:
+        self.ds = ds
+        self.allow_paths = allow_paths
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def columns(self) -> set[str]:
+        return set(self.ds.column_names)
+
+    def rows(self, indices: list[int], columns: list[str] | None = None) -> list[tuple[dict | None, str | None]]:
+        ds = self.ds.select_columns(columns) if columns else self.ds
+        table = ds.select(indices).with_format("arrow")[:]
+        return [(r, None) for r in table.to_pylist()]
+
+    def raw(self, i: int) -> dict[str, Any]:
+        return {}
+
+
+def _open_source(cfg: IngestConfig) -> tuple[Any, Path | None]:
+    """The source and the folder relative image paths are resolved in (None: no local paths)."""
+    path = Path(cfg.source)
+    if path.exists():
+        if path.is_file() and path.suffix.lower() in _LOCAL_TEXT:
+            return _JsonSource(path), path.parent
+        import datasets
+
+        if path.is_dir() and (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.split]
+            return _DatasetsSource(ds, allow_paths=True), path
+        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        if not files or any(f.suffix.lower() != ".parquet" for f in files):
+            raise PipelineError(
+                f"stages.ingest.source: {cfg.source} is not a .jsonl/.json/.parquet file or a folder of Parquet files"
+            )
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        return _DatasetsSource(ds, allow_paths=True), path if path.is_dir() else path.parent
+    if cfg.source.startswith((".", "/", "~")) or cfg.source.endswith((*_LOCAL_TEXT, ".parquet")):
+        raise PipelineError(f"stages.ingest.source: file not found: {cfg.source}")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.source, name=cfg.subset, split=cfg.split, revision=cfg.revision)
+    except Exception as err:
+        raise PipelineError(f"stages.ingest.source: cannot load Hub dataset {cfg.source!r}: {err}") from err
+    # Rows from the Hub may carry image *paths*; never read local files on their behalf.
+    return _DatasetsSource(ds, allow_paths=False), None
+
+
+def _detect_format(columns: set[str]) -> str:
+    if {"text", "image"} <= columns:
+        return "rlhf-v"
+    if {"images", "prompt", "chosen", "rejected"} <= columns:
+        return "trl"
+    if {"image", "question", "chosen", "rejected"} <= columns:
+        return "rlaif-v" if "idx" in columns else "flat"
+    raise PipelineError(
+        f"stages.ingest.format: cannot detect the layout from columns {sorted(columns)}; expected "
+        "rlhf-v (image, text), trl (images, prompt, chosen, rejected) or flat (image, question, chosen, "
+        "rejected); set stages.ingest.format"
+    )
+
+
+# ----------------------------------------------------------------------------------------- the stage
+@register
+class Ingest(SourceStage):
+    name: ClassVar[str] = "ingest"
+    Config = IngestConfig
+    outputs: ClassVar[tuple[str, ...]] = ("image", "question", "chosen", "rejected", "meta", "source")
+    config: IngestConfig
+
+    def setup(self) -> None:
+        self.source, self.base_dir = _open_source(self.config)
+        if self.config.image_root is not None:
+            self.base_dir = Path(self.config.image_root)
+        self.format = self.config.format if self.config.format != "auto" else _detect_format(self.source.columns())
+        self.limits = ImageLimits(
+            self.config.image.max_bytes,
+            self.config.image.max_pixels,
+            self.config.image.min_side,
+            tuple(f.upper() for f in self.config.image.formats),
+        )
+        self.dataset_name = Path(self.config.source).name if Path(self.config.source).exists() else self.config.source
+
+    def fingerprint_extra(self) -> Any:
+        """The content of local source files: editing the data invalidates the run, moving it does not."""
+        path = Path(self.config.source)
+        if not path.exists():
+            return {"hub": self.config.source}
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return [{"file": str(f.relative_to(path.parent)), "sha256": file_sha256(f)} for f in files]
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        return pa.schema(
+            [
+                ("sample_id", pa.string()),
+                ("image", IMAGE_TYPE),
+                ("question", pa.string()),
+                ("chosen", pa.string()),
+                ("rejected", pa.string()),
+                ("meta", pa.string()),
+                ("source", SOURCE_TYPE),
+            ]
+        )
+
+    # ------------------------------------------------------------------ plan (driver, once)
+    def plan(self) -> pa.Table:
+        n = len(self.source)
+        order = np.arange(n)
+        if self.config.shuffle:
+            order = np.random.default_rng(self.context.seed).permutation(n)
+        if self.config.limit is not None:
+            order = order[: self.config.limit]
+        id_col = self._id_column()
+        ids: list[str] = []
+        errors: list[str | None] = []
+        for start in range(0, len(order), 1024):
+            chunk = [int(i) for i in order[start : start + 1024]]
+            for i, (fields, err) in zip(chunk, self.source.rows(chunk, [id_col] if id_col else None), strict=True):
+                sample_id, problem = self._sample_id(i, fields, err, id_col)
+                ids.append(sample_id)
+                errors.append(problem)
+        first_seen: dict[str, int] = {}
+        duplicate_of: list[int | None] = []
+        for pos, sid in enumerate(ids):
+            duplicate_of.append(first_seen.get(sid) if errors[pos] is None else None)
+            if errors[pos] is None:
+                first_seen.setdefault(sid, int(order[pos]))
+        return pa.table(
+            {
+                "sample_id": pa.array(ids, pa.string()),
+                "source_index": pa.array(order.astype(np.int64), pa.int64()),
+                "duplicate_of": pa.array(duplicate_of, pa.int64()),
+                "plan_error": pa.array(errors, pa.string()),
+            }
+        )
+
+    def _id_column(self) -> str | None:
+        if self.config.id_column is not None:
+            return self.config.id_column
+        columns = self.source.columns()
+        return next((c for c in _ID_COLUMNS[self.format] if c in columns), None)
+
+    def _sample_id(
+        self, index: int, fields: dict | None, err: str | None, id_col: str | None
+    ) -> tuple[str, str | None]:
+        if fields is None:
+            return f"row-{index}", err
+        if id_col is None:
+            # No id column: a hash of the row's content, so re-ordering the source keeps the ids.
+            return "h" + hashlib.sha256(_canonical(fields)).hexdigest()[:16], None
+        value = fields.get(id_col)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return f"row-{index}", f"missing field: id column {id_col!r}"
+        text = str(value)
+        if len(text) > 128 or not text.isprintable():
+            text = "h" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return text, None
+
+    # ------------------------------------------------------------------ rows (workers)
+    def process_batch(self, table: pa.Table) -> BatchResult:
+        plan = table.to_pylist()
+        raws = self.source.rows([p["source_index"] for p in plan])
+        kept: list[dict[str, Any]] = []
+        rejected: list[Rejection] = []
+        for p, (fields, err) in zip(plan, raws, strict=True):
+            try:
+                if p["plan_error"]:
+                    raise RowError(p["plan_error"])
+                if err:
+                    raise RowError(err)
+                assert fields is not None
+                if p["duplicate_of"] is not None:
+                    raise RowError(
+                        f"duplicate: sample_id {p['sample_id']!r} already used by source row {p['duplicate_of']}"
+                    )
+                kept.append({"sample_id": p["sample_id"], **self._row(p["source_index"], fields)})
+            except RowError as e:
+                original = describe_value(fields) if fields is not None else self.source.raw(p["source_index"])
+                rejected.append(
+                    Rejection(p["sample_id"], e.reason, {"source_index": p["source_index"], **original}, e.payload)
+                )
+        return BatchResult(pa.Table.from_pylist(kept, schema=self.output_schema(table.schema)), rejected)
+
+    def _row(self, index: int, fields: dict[str, Any]) -> dict[str, Any]:
+        image_ref, question, chosen, rejected = _normalise(self.format, fields)
+        data = self._image_bytes(image_ref)
+        clean = validate_image(data, self.limits)
+        texts = {
+            "question": self._text(question, "question"),
+            "chosen": self._text(chosen, "chosen"),
+            "rejected": self._text(rejected, "rejected"),
+        }
+        meta = {k: describe_value(v) for k, v in fields.items() if k not in _CONSUMED[self.format]}
+        try:
+            meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
+            meta_json.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowError("text: a metadata field is not valid UTF-8") from None
+        return {
+            "image": {"bytes": clean.data, "path": None},
+            **texts,
+            "meta": meta_json,
+            "source": {"dataset": self.dataset_name, "split": self.config.split, "index": index},
+        }
+
+    def _image_bytes(self, ref: Any) -> bytes:
+        if isinstance(ref, dict):
+            if ref.get("bytes"):
+                return bytes(ref["bytes"])
+            ref = ref.get("path")
+        if isinstance(ref, bytes | bytearray):
+            return bytes(ref)
+        if ref is None or (isinstance(ref, str) and not ref.strip()):
+            raise RowError("missing field: image")
+        if not isinstance(ref, str):
+            raise RowError(f"bad field: image must be bytes or a path, got {type(ref).__name__}")
+        if not self.source.allow_paths or self.base_dir is None:
+            raise RowError("image: the row gives only a path and this source may not read local files")
+        root = self.base_dir.resolve()
+        path = (root / ref).resolve()
+        if not path.is_relative_to(root):
+            raise RowError(f"image: path {ref!r} is outside the image folder")
+        if not path.is_file():
+            raise RowError(f"image: file not found: {ref}")
+        size = path.stat().st_size
+        if size > self.limits.max_bytes:
+            raise RowError(f"image: {size} bytes exceeds image.max_bytes={self.limits.max_bytes}")
+        return path.read_bytes()
+
+    def _text(self, value: Any, field: str) -> str:
+        if value is None:
+            raise RowError(f"missing field: {field}")
+        if isinstance(value, bytes | bytearray):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RowError(f"text: {field} is not valid UTF-8 (byte {err.start})") from None
+        if not isinstance(value, str):
+            raise RowError(f"bad field: {field} must be text, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowError(f"text: {field} is not valid UTF-8 (lone surrogate)") from None
+        value = value.strip()
+        if not value:
+            raise RowError(f"missing field: {field} is empty")
+        if len(value) > self.config.max_text_chars:
+            raise RowError(f"text: {field} has {len(value)} characters (max_text_chars={self.config.max_text_chars})")
+        return value
+
+
+def _normalise(fmt: str, fields: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """(image reference, question, chosen, rejected) from one source row of the given layout."""
+    if fmt == "rlhf-v":
+        text = fields.get("text")
+        if text is None:
+            raise RowError("missing field: text")
+        if isinstance(text, str):
+            try:
+                text = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise RowError(f"bad field: text is not valid JSON ({err.msg})") from None
+        if not isinstance(text, dict):
+            raise RowError("bad field: text must be a JSON object with question, chosen, rejected")
+        return fields.get("image"), text.get("question"), text.get("chosen"), text.get("rejected")
+    if fmt == "trl":
+        images = fields.get("images")
+        if not isinstance(images, list) or not images:
+            raise RowError("missing field: images")
+        if len(images) != 1:
+            raise RowError(f"bad field: images has {len(images)} images; MFPO rows need exactly one")
+        return (
+            images[0],
+            _message_text(fields.get("prompt"), "user", "prompt"),
+            _message_text(fields.get("chosen"), "assistant", "chosen"),
+            _message_text(fields.get("rejected"), "assistant", "rejected"),
+        )
+    return fields.get("image"), fields.get("question"), fields.get("chosen"), fields.get("rejected")
+
+
+def _message_text(messages: Any, role: str, field: str) -> str | None:
+    """Text of the last `role` turn of a conversational field (TRL layout); plain strings pass."""
+    if messages is None or isinstance(messages, str):
+        return messages
+    if not isinstance(messages, list):
+        raise RowError(f"bad field: {field} must be a list of messages")
+    turns = [m for m in messages if isinstance(m, dict) and m.get("role") == role]
+    if not turns:
+        raise RowError(f"bad field: {field} has no {role} turn")
+    content = turns[-1].get("content")
+    if isinstance(content, str):
+        parts = [content]
+    elif isinstance(content, list):
+        parts = [c.get("text") or "" for c in content if isinstance(c, dict) and c.get("type") == "text"]
+    else:
+        raise RowError(f"bad field: {field} content must be text or a list of parts")
+    return "\n".join(p.replace("<image>", "").strip() for p in parts if p is not None).strip() or None
+
+
+def _canonical(fields: dict[str, Any]) -> bytes:
+    def norm(v: Any) -> Any:
+        if isinstance(v, bytes | bytearray):
+            return {"sha256": hashlib.sha256(v).hexdigest()}
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        return v
+
+    return json.dumps(norm(fields), sort_keys=True, ensure_ascii=True, default=str).encode()
