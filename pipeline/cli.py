@@ -86,6 +86,7 @@ def _console_logging() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(lambda record: record.exc_info is None)  # tracebacks go to the run log only
         handler._mfpo_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
 

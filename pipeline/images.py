@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import RowError
 
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _KEEP_AS_IS = {"JPEG", "PNG", "WEBP"}
 _EXIF_ORIENTATION = 0x0112
 
@@ -44,6 +44,7 @@ def validate_image(data: bytes, limits: ImageLimits) -> CleanImage:
         raise RowError("image: empty file (0 bytes)")
     if len(data) > limits.max_bytes:
         raise RowError(f"image: {len(data)} bytes exceeds image.max_bytes={limits.max_bytes}")
+    Image.init()  # register every decoder, so `formats` can name any of them
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

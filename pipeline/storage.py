@@ -66,12 +66,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def write_parquet(path: Path, table: pa.Table) -> str:
     """Atomically write a Parquet file; returns the sha256 of its bytes."""
     # Fixed writer options so that the same table gives the same bytes on every machine.
-    atomic_write(
-        path,
-        lambda tmp: pq.write_table(
-            table, tmp, compression="zstd", row_group_size=64, write_statistics=True, store_schema=True
-        ),
-    )
+    options = {"compression": "zstd", "write_statistics": True, "store_schema": True}
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, table.schema, **options) as writer:
+            # An empty table gets no row group at all: readers that size their batches from the first
+            # row group (datasets' parquet loader) fail on a zero-row group.
+            if table.num_rows:
+                writer.write_table(table, row_group_size=64)
+
+    atomic_write(path, write)
     return file_sha256(path)
 
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import PipelineError, RowError
 from pipeline.images import DEFAULT_FORMATS, ImageLimits, validate_image
@@ -50,6 +50,17 @@ class ImageLimitsConfig(StrictModel):
     max_pixels: int = Field(40_000_000, ge=1, description="Width*height bound, checked before decoding.")
     min_side: int = Field(16, ge=1, description="Smaller images are quarantined.")
     formats: list[str] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        unknown = [f for f in value if f.upper() not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"unknown image format(s) {unknown}; Pillow can open {sorted(Image.OPEN)}")
+        return [f.upper() for f in value]
 
 
 class IngestConfig(StageConfig):

@@ -1,0 +1,117 @@
+"""Shared test helpers: small real images, source files, configs, running the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_JSONL = REPO / "examples" / "data" / "rlhfv_sample" / "train.jsonl"
+
+
+def photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
+    """A smooth, deterministic RGB picture (gradients plus a disc), small enough for fast tests."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = rng.integers(0, 255, size=3)
+    arr = np.stack([(xx * 3 + base[0]) % 256, (yy * 4 + base[1]) % 256, ((xx + yy) * 2 + base[2]) % 256], -1)
+    cy, cx, r = height // 2, width // 2, min(width, height) // 4
+    arr[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 255, size=3)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height: a decompression bomb for any decoder."""
+    data = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def rlhfv_line(idx: Any, image: str, question: Any = "What is shown?", chosen: str = "A disc.",
+               rejected: str = "A dog.", **extra: Any) -> str:
+    text = {"question": question, "chosen": chosen, "rejected": rejected}
+    if question is None:
+        del text["question"]
+    return json.dumps({"idx": idx, "image": image, "text": json.dumps(text), **extra})
+
+
+def write_source(folder: Path, n: int, size: tuple[int, int] = (64, 48)) -> Path:
+    """An RLHF-V JSONL with n good rows and their JPEG files; returns the JSONL path."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        (folder / "images" / f"{i}.jpg").write_bytes(encode(photo(*size, seed=i), quality=90))
+        lines.append(rlhfv_line(i, f"images/{i}.jpg", f"What colour is the disc in picture {i}?"))
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_config(path: Path, source: Path | str, output_dir: Path, *, executor: str = "local",
+                 shard_size: int = 4, stages: dict[str, Any] | None = None, **run: Any) -> Path:
+    cfg = {
+        "run": {"name": "test", "output_dir": str(output_dir), "executor": executor, "shard_size": shard_size,
+                "progress": False, **run},
+        "stages": stages or {"ingest": {"source": str(source)}, "write": {}},
+    }
+    if stages is None:
+        cfg["stages"]["ingest"]["resources"] = {"batch_size": 3}
+    if executor == "ray":
+        cfg["run"]["ray"] = {"num_cpus": 2}
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def cli(*args: str, cwd: Path = REPO, check: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def tree(root: Path, exclude: tuple[str, ...] = ("run.log", ".lock")) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes), for byte-for-byte comparisons."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in exclude
+    }
+
+
+def dataset_rows(output_dir: Path) -> list[dict[str, Any]]:
+    from datasets import load_dataset
+
+    files = sorted(str(p) for p in (output_dir / "dataset" / "data").glob("*.parquet"))
+    return list(load_dataset("parquet", data_files=files, split="train"))
+
+
+def quarantine(output_dir: Path, stage: str = "ingest") -> dict[str, list[str]]:
+    """sample_id -> the reasons it was quarantined for, at `stage`."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, list[str]] = {}
+    for f in sorted((output_dir / "quarantine" / stage).glob("*.parquet")):
+        for row in pq.read_table(f).to_pylist():
+            out.setdefault(row["sample_id"], []).append(row["reason"])
+    return out
