@@ -1,0 +1,150 @@
+"""Resume: a run killed at any point, then re-run, gives exactly the rows and bytes of an uninterrupted
+run; fingerprints invalidate a changed stage and what follows it, never what precedes it."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, cli, dataset_rows, tree, write_config, write_source
+
+ROWS = 400
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_source(tmp_path_factory.mktemp("src"), ROWS, size=(32, 24))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Path:
+    """An uninterrupted run, in its own output directory."""
+    root = tmp_path_factory.mktemp("ref")
+    cfg = write_config(root / "cfg.yaml", source, root / "out", shard_size=1)
+    cli("run", str(cfg), check=True)
+    return root / "out"
+
+
+def _kill_when(cfg: Path, commits: Path, at_least: int) -> int:
+    """Start a run and SIGKILL it once `commits` holds at least `at_least` completion records."""
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    count = 0
+    while time.monotonic() < deadline:
+        count = len(list(commits.glob("*.json"))) if commits.is_dir() else 0
+        if count >= at_least:
+            break
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(list(commits.glob("*.json")))
+
+
+def test_sigkill_mid_stage_then_resume_is_identical(tmp_path: Path, source: Path, reference: Path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", source, out, shard_size=1)
+    done = _kill_when(cfg, out / "ingest" / "_commits", 60)
+    assert 60 <= done < ROWS, "killed in the middle of ingest"
+    done = _kill_when(cfg, out / "write" / "_commits", 80)
+    assert 80 <= done < ROWS, "killed in the middle of write"
+    status = json.loads(cli("status", str(cfg), "--json", check=True).stdout)["stages"]
+    assert [s["state"] for s in status] == ["done", "partial"]
+    cli("run", str(cfg), check=True)
+
+    assert tree(out) == tree(reference)  # same files, same bytes: no loss, no duplicates
+    ids = [r["sample_id"] for r in dataset_rows(out)]
+    assert len(ids) == len(set(ids)) == ROWS
+
+
+def test_torn_shard_without_record_is_redone(tmp_path: Path, source: Path, reference: Path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", source, out, shard_size=1)
+    cli("run", str(cfg), check=True)
+    # A crash between writing a shard and committing it: the record is missing, the file is torn,
+    # and a temporary file is left behind.
+    (out / "write" / "_commits" / "shard-00007.json").unlink()
+    shard = next((out / "dataset" / "data").glob("train-00007-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    (out / "dataset" / "data" / f".{shard.name}.tmp-12345").write_bytes(b"partial")
+    (out / "ingest" / "_commits" / "shard-00003.json").write_text('{"shard": 3, "finger')  # torn record
+
+    status = {s["name"]: s for s in json.loads(cli("status", str(cfg), "--json", check=True).stdout)["stages"]}
+    assert status["ingest"]["shards_done"] == ROWS - 1 and status["write"]["shards_done"] == ROWS - 1
+    cli("run", str(cfg), check=True)
+    assert tree(out) == tree(reference)
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
+
+
+def test_changed_config_redoes_that_stage_and_later_only(tmp_path: Path, source: Path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", source, out, shard_size=50)
+    cli("run", str(cfg), check=True)
+    ingest_before = _mtimes(out / "ingest")
+    card_before = (out / "dataset" / "README.md").read_text()
+
+    changed = ["--set", "stages.write.pretty_name=Renamed"]
+    status = json.loads(cli("status", str(cfg), "--json", *changed, check=True).stdout)["stages"]
+    assert [s["state"] for s in status] == ["done", "stale"]
+    cli("run", str(cfg), *changed, check=True)
+    assert _mtimes(out / "ingest") == ingest_before  # upstream untouched
+    card = (out / "dataset" / "README.md").read_text()
+    assert "# Renamed" in card and card != card_before
+
+    # An upstream change invalidates everything after it.
+    limited = ["--set", "stages.ingest.limit=10"]
+    status = json.loads(cli("status", str(cfg), "--json", *limited, check=True).stdout)["stages"]
+    assert [s["state"] for s in status] == ["stale", "stale"]
+    cli("run", str(cfg), *limited, check=True)
+    assert len(dataset_rows(out)) == 10
+    assert len(list((out / "dataset" / "data").glob("*.parquet"))) == 1  # old shards cleared
+
+
+def test_from_only_and_force(tmp_path: Path, source: Path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", source, out, shard_size=100)
+    cli("run", str(cfg), check=True)
+    data = out / "dataset" / "data"
+    ingest0, write0 = _mtimes(out / "ingest"), _mtimes(data)
+
+    cli("run", str(cfg), check=True)  # nothing to do: resume skips every committed shard
+    assert (_mtimes(out / "ingest"), _mtimes(data)) == (ingest0, write0)
+
+    cli("run", str(cfg), "--only", "write", "--force", check=True)
+    ingest1, write1 = _mtimes(out / "ingest"), _mtimes(data)
+    assert ingest1 == ingest0 and all(write1[k] > write0[k] for k in write0)
+
+    cli("run", str(cfg), "--from", "ingest", check=True)
+    ingest2, write2 = _mtimes(out / "ingest"), _mtimes(data)
+    assert all(ingest2[k] > ingest1[k] for k in ingest1) and all(write2[k] > write1[k] for k in write1)
+
+
+def test_only_needs_finished_upstream(tmp_path: Path, source: Path):
+    cfg = write_config(tmp_path / "cfg.yaml", source, tmp_path / "out")
+    proc = cli("run", str(cfg), "--only", "write")
+    assert proc.returncode == 1
+    assert "stage write needs ingest, which is pending" in proc.stderr
+    proc = cli("run", str(cfg), "--from", "segment")
+    assert proc.returncode == 1 and "--from segment: not a stage of this config" in proc.stderr
+
+
+def test_second_run_on_same_output_is_refused(tmp_path: Path, source: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = write_config(tmp_path / "cfg.yaml", source, out)
+    with open(out / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        proc = cli("run", str(cfg))
+    assert proc.returncode == 1 and "another run is using" in proc.stderr
