@@ -46,8 +46,14 @@ def png_with_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def rlhfv_line(idx: Any, image: str, question: Any = "What is shown?", chosen: str = "A disc.",
-               rejected: str = "A dog.", **extra: Any) -> str:
+def rlhfv_line(
+    idx: Any,
+    image: str,
+    question: Any = "What is shown?",
+    chosen: str = "A disc.",
+    rejected: str = "A dog.",
+    **extra: Any,
+) -> str:
     text = {"question": question, "chosen": chosen, "rejected": rejected}
     if question is None:
         del text["question"]
@@ -66,11 +72,25 @@ def write_source(folder: Path, n: int, size: tuple[int, int] = (64, 48)) -> Path
     return path
 
 
-def write_config(path: Path, source: Path | str, output_dir: Path, *, executor: str = "local",
-                 shard_size: int = 4, stages: dict[str, Any] | None = None, **run: Any) -> Path:
+def write_config(
+    path: Path,
+    source: Path | str,
+    output_dir: Path,
+    *,
+    executor: str = "local",
+    shard_size: int = 4,
+    stages: dict[str, Any] | None = None,
+    **run: Any,
+) -> Path:
     cfg = {
-        "run": {"name": "test", "output_dir": str(output_dir), "executor": executor, "shard_size": shard_size,
-                "progress": False, **run},
+        "run": {
+            "name": "test",
+            "output_dir": str(output_dir),
+            "executor": executor,
+            "shard_size": shard_size,
+            "progress": False,
+            **run,
+        },
         "stages": stages or {"ingest": {"source": str(source)}, "write": {}},
     }
     if stages is None:
@@ -83,8 +103,9 @@ def write_config(path: Path, source: Path | str, output_dir: Path, *, executor: 
 
 def cli(*args: str, cwd: Path = REPO, check: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

@@ -35,8 +35,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Path:
 def _kill_when(cfg: Path, commits: Path, at_least: int) -> int:
     """Start a run and SIGKILL it once `commits` holds at least `at_least` completion records."""
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(cfg)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     count = 0
     while time.monotonic() < deadline:
