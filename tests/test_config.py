@@ -84,7 +84,7 @@ def test_overrides(tmp_path: Path):
     assert loaded.stages["ingest"].limit == 300 and loaded.stages["ingest"].shuffle is True
     assert loaded.run.executor == "local"
     assert loaded.output_dir == Path("outputs/x")
-    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
         load_config(cfg, ["stages.ingest.limit"])
     with pytest.raises(ConfigError, match=r"stages.ingest.limt: unknown key; did you mean 'limit'"):
         load_config(cfg, ["stages.ingest.limt=3"])
