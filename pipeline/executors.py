@@ -107,6 +107,8 @@ class RayExecutor:
                 kwargs["num_cpus"] = self.config.num_cpus
                 kwargs["num_gpus"] = self.config.num_gpus
             log.info("starting Ray (%s)", f"joining {address}" if address else "embedded local cluster")
+            # Ray announces that token authentication is on (the secure default) on every start.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(**kwargs)
             self._started_here = True
         return ray
