@@ -1,5 +1,8 @@
-"""Built-in stages, one module each. Importing this package registers them with the engine."""
+"""Built-in stages, one module each. Importing this package registers them with the engine.
 
-from stages import ingest, write
+Data path: ingest -> keywords -> ground -> segment -> perturb -> write.
+"""
 
-__all__ = ["ingest", "write"]
+from stages import ground, ingest, keywords, perturb, segment, write
+
+__all__ = ["ground", "ingest", "keywords", "perturb", "segment", "write"]

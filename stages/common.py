@@ -1,0 +1,121 @@
+"""Helpers the stages share: column types, masks (COCO RLE), boxes, devices and model loading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.errors import PipelineError
+from pipeline.stage import StrictModel
+
+log = logging.getLogger("mfpo")
+
+MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])  # COCO RLE
+BOXES_TYPE = pa.list_(pa.list_(pa.float64()))  # [[x0, y0, x1, y1], ...] in pixels
+FLOATS_TYPE = pa.list_(pa.float64())
+STRINGS_TYPE = pa.list_(pa.string())
+
+
+# ------------------------------------------------------------------------------------------- masks
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """A boolean HxW mask as COCO RLE with a text `counts` (what pycocotools and the Hub viewer read)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_mask(rle: dict[str, Any]) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
+    return mask_utils.decode({"size": list(rle["size"]), "counts": counts}).astype(bool)
+
+
+def box_mask(box: list[float], height: int, width: int) -> np.ndarray:
+    """The pixels whose centres lie inside an [x0, y0, x1, y1] box."""
+    x0, y0, x1, y1 = box
+    mask = np.zeros((height, width), dtype=bool)
+    c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+    c1, r1 = min(int(np.ceil(x1)), width), min(int(np.ceil(y1)), height)
+    mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def clip_box(box: list[float], height: int, width: int) -> list[float] | None:
+    """Clip to the image; None when nothing of the box is left."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
+    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return None
+    return [x0, y0, x1, y1]
+
+
+def meta_field(row: dict[str, Any], key: str) -> Any:
+    """A field of the source row kept in `meta` by ingest."""
+    try:
+        return json.loads(row.get("meta") or "{}").get(key)
+    except json.JSONDecodeError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- models
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class ModelConfig(StrictModel):
+    """How a stage loads a model: any Hub id or local directory `from_pretrained` accepts."""
+
+    model: str = Field(description="Hub id or local path of the checkpoint.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit (pin it for reproducibility).")
+    precision: Precision = Field("auto", description="auto: bf16 on CUDA (fp16 if unsupported), fp32 on CPU.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint (off by default).")
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+
+def select_device(gpus: float, stage: str) -> Any:
+    """CUDA when the stage asked for a GPU and one is visible; otherwise CPU, with a warning if a GPU was asked for."""
+    import torch
+
+    if gpus > 0:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        warnings.warn(
+            f"stage {stage}: resources.gpus={gpus} but no CUDA device is visible; running on CPU", stacklevel=2
+        )
+        log.warning("stage %s: no CUDA device visible, running on CPU", stage)
+    return torch.device("cpu")
+
+
+def select_dtype(device: Any, precision: Precision) -> Any:
+    import torch
+
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def require(module: str, install: str) -> Any:
+    """Import an optional dependency or fail with the exact install line."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise PipelineError(f"this backend needs `{module}`: pip install {install}") from err

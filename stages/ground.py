@@ -1,0 +1,211 @@
+"""ground: boxes for each sample's key phrases.
+
+Backends:
+- `grounding-dino` (default): transformers' Grounding DINO (`IDEA-Research/grounding-dino-tiny` or
+  `-base`, or any local copy), batched over images; the phrases of a row are joined the way the model
+  was trained ("cat . red umbrella ."), boxes come back in original pixel coordinates with their score
+  and matched phrase. `box_threshold` / `text_threshold` as in the original release.
+- `annotations`: boxes that came with the dataset (ingest keeps source fields in `meta`), e.g.
+  `{"annotations": [{"label": "cat", "box": [x0, y0, x1, y1]}]}`; kept when their label names one of the
+  key phrases (`select: key_phrases`) or all of them (`select: all`).
+
+Rows where nothing is found get empty lists; the `perturb` stage's `fallback` decides what happens.
+The original `groundingdino` package needs transformers < 5 and is not a backend here (README).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.errors import RowError
+from pipeline.images import decode_rgb
+from pipeline.registry import register
+from pipeline.stage import BatchResult, Rejection, Stage, StageConfig, StrictModel
+from stages.common import (
+    BOXES_TYPE,
+    FLOATS_TYPE,
+    STRINGS_TYPE,
+    ModelConfig,
+    clip_box,
+    meta_field,
+    select_device,
+    select_dtype,
+)
+from stages.keywords import LEXICON_PATH, load_lexicon, tokenize
+
+
+class AnnotationsConfig(StrictModel):
+    field: str = Field("annotations", description="Source field (in meta) holding the list of annotations.")
+    label_key: str = "label"
+    box_key: str = "box"
+    box_format: Literal["xyxy", "xywh"] = Field("xyxy", description="xyxy: [x0,y0,x1,y1]; xywh: COCO style.")
+    select: Literal["key_phrases", "all"] = Field("key_phrases", description="Which annotations to keep.")
+
+
+class GroundConfig(StageConfig):
+    backend: Literal["grounding-dino", "annotations"] = "grounding-dino"
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(model="IDEA-Research/grounding-dino-tiny"))
+    box_threshold: float = Field(0.35, ge=0, le=1, description="Minimum box confidence.")
+    text_threshold: float = Field(0.25, ge=0, le=1, description="Minimum phrase-token confidence.")
+    max_boxes: int = Field(5, ge=1, description="Keep at most this many boxes per image (highest scores).")
+    nms_iou: float | None = Field(0.7, gt=0, le=1, description="Drop boxes overlapping a better one this much.")
+    annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
+
+
+@register
+class Ground(Stage):
+    name: ClassVar[str] = "ground"
+    Config = GroundConfig
+    inputs: ClassVar[tuple[str, ...]] = ("image", "meta", "key_phrases")
+    outputs: ClassVar[tuple[str, ...]] = ("boxes", "box_scores", "box_phrases")
+    config: GroundConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.lexicon = load_lexicon(str(LEXICON_PATH), (), ())
+        if cfg.backend == "grounding-dino":
+            from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+            self.device = select_device(self.resources.gpus, self.name)
+            self.dtype = select_dtype(self.device, cfg.model.precision)
+            kwargs = cfg.model.pretrained_kwargs()
+            self.processor = AutoProcessor.from_pretrained(cfg.model.model, **kwargs)
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(
+                cfg.model.model, dtype=self.dtype, **kwargs
+            ).to(self.device)
+            self.model.eval()
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        return pa.schema(
+            [
+                ("sample_id", pa.string()),
+                ("boxes", BOXES_TYPE),
+                ("box_scores", FLOATS_TYPE),
+                ("box_phrases", STRINGS_TYPE),
+            ]
+        )
+
+    def process_batch(self, table: pa.Table) -> BatchResult:
+        rows = table.to_pylist()
+        if self.config.backend == "annotations":
+            results: list[list[tuple[list[float], float, str]] | RowError] = []
+            for row in rows:
+                try:
+                    results.append(self._from_annotations(row))
+                except RowError as err:
+                    results.append(err)
+        else:
+            results = list(self._detect(rows))
+        kept, rejected = [], []
+        for row, found in zip(rows, results, strict=True):
+            if isinstance(found, RowError):
+                rejected.append(Rejection(row["sample_id"], found.reason, {"meta": row["meta"]}))
+                continue
+            found = self._postprocess(found)
+            kept.append(
+                {
+                    "sample_id": row["sample_id"],
+                    "boxes": [b for b, _, _ in found],
+                    "box_scores": [s for _, s, _ in found],
+                    "box_phrases": [p for _, _, p in found],
+                }
+            )
+        return BatchResult(pa.Table.from_pylist(kept, schema=self.output_schema(table.schema)), rejected)
+
+    # ------------------------------------------------------------------ backends
+    def _detect(self, rows: list[dict[str, Any]]) -> list[list[tuple[list[float], float, str]]]:
+        import torch
+
+        out: list[list[tuple[list[float], float, str]]] = [[] for _ in rows]
+        todo = [i for i, r in enumerate(rows) if r["key_phrases"]]
+        if not todo:
+            return out
+        images = [decode_rgb(rows[i]["image"]) for i in todo]
+        # Grounding DINO was trained on lower-case phrases separated by " . " and ending with " .".
+        texts = [" . ".join(p.lower() for p in rows[i]["key_phrases"]) + " ." for i in todo]
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        inputs = {
+            k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in inputs.items()
+        }
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        outputs.logits = outputs.logits.float()
+        outputs.pred_boxes = outputs.pred_boxes.float()
+        detections = self.processor.post_process_grounded_object_detection(
+            outputs,
+            inputs["input_ids"],
+            threshold=self.config.box_threshold,
+            text_threshold=self.config.text_threshold,
+            target_sizes=[img.shape[:2] for img in images],
+        )
+        for i, img, det in zip(todo, images, detections, strict=True):
+            h, w = img.shape[:2]
+            labels = det.get("text_labels", det.get("labels"))
+            for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), labels, strict=True):
+                clipped = clip_box(box, h, w)
+                if clipped is not None:
+                    out[i].append((clipped, float(score), self._phrase_for(str(label), rows[i]["key_phrases"])))
+        return out
+
+    def _from_annotations(self, row: dict[str, Any]) -> list[tuple[list[float], float, str]]:
+        cfg = self.config.annotations
+        anns = meta_field(row, cfg.field)
+        if anns is None:
+            return []
+        if not isinstance(anns, list):
+            raise RowError(f"annotations: meta field {cfg.field!r} must be a list")
+        h, w = decode_rgb(row["image"]).shape[:2]
+        wanted = {self._canonical(p): p for p in row["key_phrases"] or []}
+        found = []
+        for ann in anns:
+            if not isinstance(ann, dict) or ann.get(cfg.box_key) is None:
+                raise RowError(f"annotations: each entry needs a {cfg.box_key!r}")
+            box = [float(v) for v in ann[cfg.box_key]]
+            if len(box) != 4:
+                raise RowError(f"annotations: box {box} must have 4 numbers")
+            if cfg.box_format == "xywh":
+                box = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+            label = str(ann.get(cfg.label_key, ""))
+            phrase = wanted.get(self._canonical(label))
+            if cfg.select == "key_phrases" and phrase is None:
+                continue
+            clipped = clip_box(box, h, w)
+            if clipped is not None:
+                found.append((clipped, float(ann.get("score", 1.0)), phrase or label))
+        return found
+
+    # ------------------------------------------------------------------ helpers
+    def _canonical(self, text: str) -> str:
+        """One name per object ("kitties" and "cat" -> "cat"), via the object lexicon."""
+        tokens = tuple(tokenize(text))
+        for key in (tokens, tokens[-1:]):
+            if key in self.lexicon:
+                return self.lexicon[key]
+        return " ".join(tokens)
+
+    def _phrase_for(self, label: str, phrases: list[str]) -> str:
+        """The key phrase a detector label belongs to (labels are token spans of the prompt)."""
+        canonical = self._canonical(label)
+        for p in phrases:
+            if self._canonical(p) == canonical or label.strip() in p:
+                return p
+        return label.strip()
+
+    def _postprocess(self, found: list[tuple[list[float], float, str]]) -> list[tuple[list[float], float, str]]:
+        """Best-first, overlapping duplicates removed (class-agnostic NMS), at most max_boxes."""
+        found = sorted(found, key=lambda f: -f[1])
+        if self.config.nms_iou is not None and len(found) > 1:
+            import torch
+            from torchvision.ops import nms
+
+            keep = nms(
+                torch.tensor([f[0] for f in found], dtype=torch.float64),
+                torch.tensor([f[1] for f in found], dtype=torch.float64),
+                self.config.nms_iou,
+            )
+            found = [found[i] for i in sorted(keep.tolist())]
+        return [([round(v, 2) for v in b], round(s, 6), p) for b, s, p in found[: self.config.max_boxes]]

@@ -1,0 +1,287 @@
+"""keywords: ranked key objects of each sample, from the question and/or the chosen answer.
+
+Backends:
+- `lexicon` (default, no weights): object mentions are found by longest match against the project's
+  object vocabulary (`stages/data/object_lexicon.json`: LVIS v1 + COCO category names, synonyms and
+  plurals), then ranked by a graph ranking in the spirit of the paper's multipartite keyphrase ranking:
+  one node per object category, edges between categories mentioned in the same text weighted by
+  1/token distance, and PageRank personalised by where and how early each category is mentioned.
+- `spacy`: noun chunks of an installed spaCy pipeline as candidates, ranked the same way.
+- `llm`: a prompt from `prompts/` sent to an OpenAI-compatible endpoint or a local Hugging Face causal
+  LM; the reply must be a JSON list of phrases, anything else quarantines the row.
+
+Output: `key_phrases` (best first, at most `top_k`) and `key_phrase_scores` (summing to 1 over all
+candidates). A row with no object mention gets empty lists; `perturb` then takes its fallback path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.errors import PipelineError, RowError
+from pipeline.registry import register
+from pipeline.stage import RowStage, StageConfig, StrictModel
+from stages.common import FLOATS_TYPE, STRINGS_TYPE, require
+
+LEXICON_PATH = Path(__file__).parent / "data" / "object_lexicon.json"
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+_TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+class RankingConfig(StrictModel):
+    damping: float = Field(0.85, gt=0, lt=1, description="PageRank damping factor.")
+    position_weight: float = Field(1.0, ge=0, description="Boost for early mentions: w / (1 + token index).")
+    question_weight: float = Field(1.0, ge=0, description="Weight of mentions in the question.")
+    answer_weight: float = Field(1.0, ge=0, description="Weight of mentions in the chosen answer.")
+
+
+class LexiconConfig(StrictModel):
+    path: str | None = Field(None, description="A lexicon JSON of your own; default: the bundled one.")
+    extra_terms: list[str] = Field(default_factory=list, description="More object names to match.")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["top", "side", "back", "front", "picture", "image", "photo", "color", "colour"],
+        description="Words never taken as objects on their own (positions, the picture itself).",
+    )
+
+
+class LlmConfig(StrictModel):
+    provider: Literal["openai", "huggingface"] = Field("openai", description="Endpoint kind.")
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    model: str = Field("gpt-4o-mini", description="Model name at the endpoint, or a Hub id / local path.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    prompt: str = Field("keywords.txt", description="Template in prompts/ (or a path) with {question} {answer}.")
+    max_new_tokens: int = Field(64, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    trust_remote_code: bool = False
+
+
+class KeywordsConfig(StageConfig):
+    backend: Literal["lexicon", "spacy", "llm"] = "lexicon"
+    text: Literal["question", "chosen", "both"] = Field("both", description="Which text the objects come from.")
+    top_k: int = Field(3, ge=1, le=32)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
+    lexicon: LexiconConfig = Field(default_factory=LexiconConfig)
+    spacy_model: str = Field("en_core_web_sm", description="spaCy pipeline name (spacy backend).")
+    llm: LlmConfig = Field(default_factory=LlmConfig)
+
+
+@dataclass(frozen=True)
+class Mention:
+    phrase: str  # canonical name of the object
+    segment: int  # 0 = question, 1 = chosen answer
+    position: int  # token index within the segment
+
+
+# ------------------------------------------------------------------------------------------ lexicon
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+@lru_cache(maxsize=4)
+def load_lexicon(path: str, extra: tuple[str, ...], ignore: tuple[str, ...]) -> dict[tuple[str, ...], str]:
+    """Surface form (token tuple) -> canonical object name."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    table: dict[tuple[str, ...], str] = {}
+    ignored = {tuple(tokenize(w)) for w in ignore}
+    for cat in data["categories"]:
+        forms = list(cat.get("synonyms", [])) + list(cat.get("plurals", []))
+        canonical = " ".join(tokenize(cat["synonyms"][0] if cat.get("synonyms") else cat["name"]))
+        for form in forms:
+            key = tuple(tokenize(form))
+            if key and key not in ignored:
+                table.setdefault(key, canonical)  # first category to claim a form keeps it
+    for term in extra:
+        key = tuple(tokenize(term))
+        if key:
+            table[key] = " ".join(key)
+    return table
+
+
+def lexicon_mentions(texts: list[str], table: dict[tuple[str, ...], str]) -> list[Mention]:
+    longest = max((len(k) for k in table), default=1)
+    mentions: list[Mention] = []
+    for seg, text in enumerate(texts):
+        tokens = tokenize(text)
+        found: list[tuple[int, int, str]] = []  # start, end, phrase
+        i = 0
+        while i < len(tokens):
+            for n in range(min(longest, len(tokens) - i), 0, -1):
+                phrase = table.get(tuple(tokens[i : i + n]))
+                if phrase is not None:
+                    found.append((i, i + n, phrase))
+                    i += n
+                    break
+            else:
+                i += 1
+        for k, (start, end, phrase) in enumerate(found):
+            # Noun-noun compounds ("dog bed", "pizza box"): the last noun is the object, the first a modifier.
+            if k + 1 < len(found) and found[k + 1][0] == end:
+                continue
+            mentions.append(Mention(phrase, seg, start))
+    return mentions
+
+
+def rank(mentions: list[Mention], cfg: RankingConfig) -> list[tuple[str, float]]:
+    """Graph ranking of the mentioned objects: PageRank over co-occurrence, personalised by position."""
+    import networkx as nx
+
+    if not mentions:
+        return []
+    seg_weight = (cfg.question_weight, cfg.answer_weight)
+    prior: dict[str, float] = defaultdict(float)
+    first: dict[str, tuple[int, int]] = {}
+    graph = nx.Graph()
+    for m in mentions:
+        prior[m.phrase] += seg_weight[m.segment] * (1.0 + cfg.position_weight / (1.0 + m.position))
+        first.setdefault(m.phrase, (m.segment, m.position))
+        graph.add_node(m.phrase)
+    for a in mentions:
+        for b in mentions:
+            if a.phrase < b.phrase and a.segment == b.segment:
+                w = 1.0 / max(1, abs(a.position - b.position))
+                old = graph.get_edge_data(a.phrase, b.phrase, {"weight": 0.0})["weight"]
+                graph.add_edge(a.phrase, b.phrase, weight=old + w)
+    if sum(prior.values()) == 0:
+        prior = defaultdict(float, dict.fromkeys(prior, 1.0))
+    scores = nx.pagerank(graph, alpha=cfg.damping, personalization=dict(prior), weight="weight", tol=1e-10)
+    total = sum(scores.values())
+    ranked = sorted(scores.items(), key=lambda kv: (-round(kv[1], 9), first[kv[0]], kv[0]))
+    return [(p, round(s / total, 6)) for p, s in ranked]
+
+
+# ------------------------------------------------------------------------------------------ llm
+def parse_phrase_list(reply: str) -> list[str]:
+    """The first JSON list of strings in a model reply; RowError when there is none."""
+    match = re.search(r"\[[^\[\]]*\]", reply, flags=re.S)
+    if match is None:
+        raise RowError(f"keywords: model reply has no JSON list: {reply.strip()[:80]!r}")
+    try:
+        items = json.loads(match.group(0))
+    except json.JSONDecodeError:
+        raise RowError(f"keywords: model reply is not valid JSON: {match.group(0)[:80]!r}") from None
+    phrases = [" ".join(tokenize(i)) for i in items if isinstance(i, str)]
+    if len(phrases) != len(items) or not all(phrases):
+        raise RowError(f"keywords: model reply must be a list of object names: {match.group(0)[:80]!r}")
+    return list(dict.fromkeys(phrases))
+
+
+class _LlmClient:
+    def __init__(self, cfg: LlmConfig) -> None:
+        self.cfg = cfg
+        path = Path(cfg.prompt)
+        if not path.is_file():
+            path = PROMPTS_DIR / cfg.prompt
+        if not path.is_file():
+            raise PipelineError(f"stages.keywords.llm.prompt: template not found: {cfg.prompt}")
+        self.template = path.read_text(encoding="utf-8")
+        if cfg.provider == "openai":
+            from huggingface_hub import InferenceClient
+
+            key = os.environ.get(cfg.api_key_env)
+            if cfg.base_url is None:
+                raise PipelineError("stages.keywords.llm.base_url: set the endpoint, e.g. http://localhost:8000/v1")
+            self.client = InferenceClient(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            self.model.eval()
+
+    def __call__(self, question: str, answer: str) -> str:
+        prompt = self.template.format(question=question, answer=answer)
+        messages = [{"role": "user", "content": prompt}]
+        if self.cfg.provider == "openai":
+            out = self.client.chat_completion(
+                messages, model=self.cfg.model, max_tokens=self.cfg.max_new_tokens, temperature=0.0
+            )
+            return out.choices[0].message.content or ""
+        import torch
+
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.inference_mode():
+            out = self.model.generate(**ids, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+@register
+class Keywords(RowStage):
+    name: ClassVar[str] = "keywords"
+    Config = KeywordsConfig
+    inputs: ClassVar[tuple[str, ...]] = ("question", "chosen")
+    outputs: ClassVar[tuple[str, ...]] = ("key_phrases", "key_phrase_scores")
+    config: KeywordsConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg.backend == "lexicon":
+            lex = cfg.lexicon
+            self.table = load_lexicon(lex.path or str(LEXICON_PATH), tuple(lex.extra_terms), tuple(lex.ignore))
+        elif cfg.backend == "spacy":
+            spacy = require("spacy", "'mfpo-pipeline[spacy]' and a pipeline, e.g. pip install en_core_web_sm")
+            try:
+                self.nlp = spacy.load(cfg.spacy_model)
+            except OSError as err:
+                raise PipelineError(
+                    f"stages.keywords.spacy_model: spaCy pipeline {cfg.spacy_model!r} is not installed; "
+                    f"install it (python -m spacy download {cfg.spacy_model}) or use backend: lexicon"
+                ) from err
+        else:
+            self.llm = _LlmClient(cfg.llm)
+
+    def fingerprint_extra(self) -> Any:
+        if self.config.backend == "lexicon" and self.config.lexicon.path is None:
+            from pipeline.storage import file_sha256
+
+            return {"lexicon": file_sha256(LEXICON_PATH)}
+        return None
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        return pa.schema(
+            [("sample_id", pa.string()), ("key_phrases", STRINGS_TYPE), ("key_phrase_scores", FLOATS_TYPE)]
+        )
+
+    def texts(self, row: dict[str, Any]) -> list[str]:
+        return {
+            "question": [row["question"], ""],
+            "chosen": ["", row["chosen"]],
+            "both": [row["question"], row["chosen"]],
+        }[self.config.text]
+
+    def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        texts = self.texts(row)
+        if self.config.backend == "llm":
+            phrases = parse_phrase_list(self.llm(texts[0], texts[1]))[: self.config.top_k]
+            weights = [1.0 / (i + 1) for i in range(len(phrases))]
+            ranked = [(p, round(w / sum(weights), 6)) for p, w in zip(phrases, weights, strict=True)]
+        elif self.config.backend == "spacy":
+            ranked = rank(self._noun_chunks(texts), self.config.ranking)
+        else:
+            ranked = rank(lexicon_mentions(texts, self.table), self.config.ranking)
+        top = ranked[: self.config.top_k]
+        return {"key_phrases": [p for p, _ in top], "key_phrase_scores": [s for _, s in top]}
+
+    def _noun_chunks(self, texts: list[str]) -> list[Mention]:
+        mentions = []
+        for seg, text in enumerate(texts):
+            doc = self.nlp(text)
+            for chunk in doc.noun_chunks:
+                if chunk.root.pos_ == "PRON":
+                    continue
+                words = [t.lemma_.lower() for t in chunk if t.pos_ in ("NOUN", "PROPN", "ADJ")]
+                if words:
+                    mentions.append(Mention(" ".join(words), seg, chunk.start))
+        return mentions
