@@ -113,23 +113,26 @@ class RayExecutor:
             self._started_here = True
         return ray
 
-    def pool_size(self, ray: Any, res: Resources, num_tasks: int) -> int:
-        if res.workers is not None:
-            return max(1, min(res.workers, num_tasks))
+    def fit(self, ray: Any, res: Resources, num_tasks: int, stage: str) -> tuple[int, Resources]:
+        """Actor-pool size and per-actor resources for this cluster. A stage that asks for GPUs on a
+        cluster without any runs on CPU actors, with a warning, rather than waiting forever."""
         total = ray.cluster_resources()
+        if res.gpus > 0 and total.get("GPU", 0) < res.gpus:
+            log.warning(
+                "stage %s: asks for %.2g GPU per worker but the Ray cluster has %s; running on CPU",
+                stage,
+                res.gpus,
+                total.get("GPU", 0),
+            )
+            res = Resources(res.cpus, 0.0, res.batch_size, res.workers)
+        if res.workers is not None:
+            return max(1, min(res.workers, num_tasks)), res
         # Leave one CPU's worth for the driver: on small machines a pool that takes every core starves
         # the driver and object transfers.
-        by_cpu = math.floor(max(total.get("CPU", 1) - 1, res.cpus) / res.cpus)
-        size = by_cpu
+        size = math.floor(max(total.get("CPU", 1) - 1, res.cpus) / res.cpus)
         if res.gpus > 0:
-            gpus = total.get("GPU", 0)
-            if gpus < res.gpus:
-                raise PipelineError(
-                    f"stage needs {res.gpus} GPU per worker but the Ray cluster has {gpus}; set "
-                    "resources.gpus: 0 for CPU, or join a cluster with GPUs (run.ray.address)"
-                )
-            size = min(size, math.floor(gpus / res.gpus))
-        return max(1, min(size, num_tasks))
+            size = min(size, math.floor(total["GPU"] / res.gpus))
+        return max(1, min(size, num_tasks)), res
 
     def run_stage(
         self, spec: StageSpec, tasks: Iterator[ShardTask], num_tasks: int, on_result: OnResult, on_rows: OnRows
@@ -138,7 +141,7 @@ class RayExecutor:
             return
         ray = self._init()
         res = get_stage(spec.name)(spec.config, spec.context).resources
-        size = self.pool_size(ray, res, num_tasks)
+        size, res = self.fit(ray, res, num_tasks, spec.name)
         actor_cls = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0)(_ShardActor)
         actors = [actor_cls.remote(spec) for _ in range(size)]
         log.info("stage %s: %d Ray actor(s), %.2g CPU / %.2g GPU each", spec.name, size, res.cpus, res.gpus)

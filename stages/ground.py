@@ -10,7 +10,7 @@ Backends:
   key phrases (`select: key_phrases`) or all of them (`select: all`).
 
 Rows where nothing is found get empty lists; the `perturb` stage's `fallback` decides what happens.
-The original `groundingdino` package needs transformers < 5 and is not a backend here (README).
+The original `groundingdino-py` package needs transformers < 5; it is not a backend yet (README).
 """
 
 from __future__ import annotations

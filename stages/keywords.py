@@ -153,7 +153,9 @@ def rank(mentions: list[Mention], cfg: RankingConfig) -> list[tuple[str, float]]
                 graph.add_edge(a.phrase, b.phrase, weight=old + w)
     if sum(prior.values()) == 0:
         prior = defaultdict(float, dict.fromkeys(prior, 1.0))
-    scores = nx.pagerank(graph, alpha=cfg.damping, personalization=dict(prior), weight="weight", tol=1e-10)
+    scores = nx.pagerank(
+        graph, alpha=cfg.damping, personalization=dict(prior), weight="weight", tol=1e-9, max_iter=1000
+    )
     total = sum(scores.values())
     ranked = sorted(scores.items(), key=lambda kv: (-round(kv[1], 9), first[kv[0]], kv[0]))
     return [(p, round(s / total, 6)) for p, s in ranked]
