@@ -34,7 +34,7 @@ from stages.common import (
     select_device,
     select_dtype,
 )
-from stages.keywords import LEXICON_PATH, load_lexicon, tokenize
+from stages.keywords import LEXICON_PATH, head_object, load_lexicon
 
 
 class AnnotationsConfig(StrictModel):
@@ -144,7 +144,9 @@ class Ground(Stage):
         )
         for i, img, det in zip(todo, images, detections, strict=True):
             h, w = img.shape[:2]
-            labels = det.get("text_labels", det.get("labels"))
+            if len(det["boxes"]) == 0:
+                continue  # (the processor may still return a label list for an empty result)
+            labels = det["text_labels"]
             for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), labels, strict=True):
                 clipped = clip_box(box, h, w)
                 if clipped is not None:
@@ -180,12 +182,8 @@ class Ground(Stage):
 
     # ------------------------------------------------------------------ helpers
     def _canonical(self, text: str) -> str:
-        """One name per object ("kitties" and "cat" -> "cat"), via the object lexicon."""
-        tokens = tuple(tokenize(text))
-        for key in (tokens, tokens[-1:]):
-            if key in self.lexicon:
-                return self.lexicon[key]
-        return " ".join(tokens)
+        """One name per object ("kitties" and "cat" -> "cat", "coffee cup" -> "cup"), via the lexicon."""
+        return head_object(text, self.lexicon)
 
     def _phrase_for(self, label: str, phrases: list[str]) -> str:
         """The key phrase a detector label belongs to (labels are token spans of the prompt)."""

@@ -131,6 +131,12 @@ def lexicon_mentions(texts: list[str], table: dict[tuple[str, ...], str]) -> lis
     return mentions
 
 
+def head_object(text: str, table: dict[tuple[str, ...], str]) -> str:
+    """The object a short label names: "coffee cup" -> "cup", "kitties" -> "cat"; unknown words as they are."""
+    mentions = lexicon_mentions([text, ""], table)
+    return mentions[-1].phrase if mentions else " ".join(tokenize(text))
+
+
 def rank(mentions: list[Mention], cfg: RankingConfig) -> list[tuple[str, float]]:
     """Graph ranking of the mentioned objects: PageRank over co-occurrence, personalised by position."""
     import networkx as nx

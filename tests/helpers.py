@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -97,7 +98,7 @@ def write_config(
         cfg["stages"]["ingest"]["resources"] = {"batch_size": 3}
     if executor == "ray":
         cfg["run"]["ray"] = {"num_cpus": 2}
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -136,3 +137,22 @@ def quarantine(output_dir: Path, stage: str = "ingest") -> dict[str, list[str]]:
         for row in pq.read_table(f).to_pylist():
             out.setdefault(row["sample_id"], []).append(row["reason"])
     return out
+
+
+def alpha_bar(t: int, n: int = 1000, beta_start: float = 1e-5, beta_end: float = 5e-3) -> float:
+    """The design's noise schedule (sigmoid betas), written out independently of diffusers."""
+    betas = 1 / (1 + np.exp(-np.linspace(-6, 6, n))) * (beta_end - beta_start) + beta_start
+    return float(np.prod(1 - betas[: t + 1]))
+
+
+def quantised_moments(mu: float, sigma: float) -> tuple[float, float]:
+    """Mean and variance of clip(rint(255 * x), 0, 255) for x ~ N(mu, sigma^2): exact over the 256 levels."""
+
+    def cdf(v: float) -> float:
+        return 0.5 * (1 + math.erf((v - mu) / (sigma * math.sqrt(2))))
+
+    edges = [-math.inf] + [(k + 0.5) / 255 for k in range(255)] + [math.inf]
+    p = np.array([cdf(edges[k + 1]) - cdf(edges[k]) for k in range(256)])
+    levels = np.arange(256)
+    mean = float((p * levels).sum())
+    return mean, float((p * (levels - mean) ** 2).sum())

@@ -6,27 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from helpers import alpha_bar, quantised_moments
 
 from stages.perturb import NoiseConfig, composite, diffusion_noise, random_region, soften
-
-
-def alpha_bar(t: int, n: int = 1000, beta_start: float = 1e-5, beta_end: float = 5e-3) -> float:
-    """DESIGN.md's schedule written out independently of diffusers."""
-    betas = 1 / (1 + np.exp(-np.linspace(-6, 6, n))) * (beta_end - beta_start) + beta_start
-    return float(np.prod(1 - betas[: t + 1]))
-
-
-def quantised_moments(mu: float, sigma: float) -> tuple[float, float]:
-    """Mean and variance of clip(rint(255 * x), 0, 255) for x ~ N(mu, sigma^2): exact over the 256 levels."""
-
-    def cdf(v: float) -> float:
-        return 0.5 * (1 + math.erf((v - mu) / (sigma * math.sqrt(2))))
-
-    edges = [-math.inf] + [(k + 0.5) / 255 for k in range(255)] + [math.inf]
-    p = np.array([cdf(edges[k + 1]) - cdf(edges[k]) for k in range(256)])
-    levels = np.arange(256)
-    mean = float((p * levels).sum())
-    return mean, float((p * (levels - mean) ** 2).sum())
 
 
 @pytest.mark.parametrize(("t", "gray"), [(100, 128), (500, 128), (500, 40), (900, 200)])
