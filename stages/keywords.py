@@ -41,7 +41,9 @@ _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 class RankingConfig(StrictModel):
     damping: float = Field(0.85, gt=0, lt=1, description="PageRank damping factor.")
     position_weight: float = Field(1.0, ge=0, description="Boost for early mentions: w / (1 + token index).")
-    question_weight: float = Field(1.0, ge=0, description="Weight of mentions in the question.")
+    # The paper ranks the chosen answer's keyphrases; the question names the object too, but often
+    # only generically ("What is on the table?"), so its mentions count half by default.
+    question_weight: float = Field(0.5, ge=0, description="Weight of mentions in the question.")
     answer_weight: float = Field(1.0, ge=0, description="Weight of mentions in the chosen answer.")
 
 

@@ -58,6 +58,17 @@ def test_one_row_per_valid_input_row(quickstart: Path):
         original = np.asarray(Image.open(SAMPLE_JSONL.parent / src["image"]).convert("RGB"))
         assert np.array_equal(np.asarray(row["images"][0]), original)
         assert json.loads(row["meta"])["annotations"] == src["annotations"]
+        assert row["boxes"] == [[float(v) for v in a["box"]] for a in src["annotations"]]
+        assert row["perturbation"]["method"] == "diffusion-noise" and row["perturbation"]["fallback"] is None
+    assert isinstance(ds.features["rejected_image"], ImageFeature)
+
+
+@pytest.mark.ray
+def test_contract(quickstart: Path):
+    from contract import check
+
+    rows, problems = check(quickstart)
+    assert problems == [] and len(rows) == len(_source_rows())
 
 
 @pytest.mark.ray
@@ -70,10 +81,8 @@ def test_card_and_status(quickstart: Path):
     status = json.loads(
         cli("status", "examples/quickstart.yaml", "--json", "--set", f"run.output_dir={quickstart}", check=True).stdout
     )
-    assert [(s["name"], s["state"], s["rows_kept"]) for s in status["stages"]] == [
-        ("ingest", "done", n),
-        ("write", "done", n),
-    ]
+    names = ["ingest", "keywords", "ground", "segment", "perturb", "write"]
+    assert [(s["name"], s["state"], s["rows_kept"]) for s in status["stages"]] == [(x, "done", n) for x in names]
     # Rows hold no absolute paths: nothing machine-specific leaks into the data.
     for f in (quickstart / "dataset" / "data").glob("*.parquet"):
         table = pq.read_table(f, columns=["meta", "source"])
