@@ -110,4 +110,4 @@ def decode_rgb(image: dict | bytes) -> np.ndarray:
     """A stored image (datasets Image struct or bytes) as an HxWx3 uint8 array."""
     data = image["bytes"] if isinstance(image, dict) else image
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(to_rgb(img))
+        return np.array(to_rgb(img))  # a writable copy: torch warns on read-only arrays
