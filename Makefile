@@ -6,7 +6,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install clean
+GDINO_VENV ?= .venv-groundingdino
+GDINO_STAMP := $(GDINO_VENV)/.installed-stamp
+
+.PHONY: demo test lint install clean groundingdino-env
 
 install: $(STAMP)
 
@@ -24,7 +27,18 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: lint
+# The original GroundingDINO package needs transformers < 5: it gets an environment of its own, which the
+# `groundingdino-py` ground backend runs as a worker process (stages.ground.groundingdino_py.python).
+groundingdino-env: $(GDINO_STAMP)
+
+$(GDINO_STAMP):
+	test -x $(GDINO_VENV)/bin/python || $(PYTHON) -m venv $(GDINO_VENV)
+	$(GDINO_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GDINO_VENV)/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "transformers==4.57.6" \
+		"groundingdino-py==0.4.0" "safetensors>=0.4"
+	touch $(GDINO_STAMP)
+
+test: lint groundingdino-env
 	$(PY) -m pytest -q
 
 clean:

@@ -10,17 +10,24 @@ Backends:
   key phrases (`select: key_phrases`) or all of them (`select: all`).
 
 Rows where nothing is found get empty lists; the `perturb` stage's `fallback` decides what happens.
-The original `groundingdino-py` package needs transformers < 5; it is not a backend yet (README).
+- `groundingdino-py`: the original GroundingDINO package. It needs transformers < 5, so it runs in an
+  environment of its own (`make groundingdino-env`), as a worker process this stage talks to over a
+  pipe (`stages/groundingdino_worker.py`); the checkpoint is loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipeline.errors import RowError
+from pipeline.errors import PipelineError, RowError
 from pipeline.images import decode_rgb
 from pipeline.registry import register
 from pipeline.stage import BatchResult, Rejection, Stage, StageConfig, StrictModel
@@ -45,14 +52,30 @@ class AnnotationsConfig(StrictModel):
     select: Literal["key_phrases", "all"] = Field("key_phrases", description="Which annotations to keep.")
 
 
+class GroundingDinoPyConfig(StrictModel):
+    python: str = Field(".venv-groundingdino/bin/python", description="Interpreter of the groundingdino-py env.")
+    config_file: str = Field(
+        "GroundingDINO_SwinT_OGC.py", description="Model config: a path, or a file name in the package's config folder."
+    )
+    checkpoint: str | None = Field(None, description="Local checkpoint (.pth or .safetensors).")
+    text_encoder_type: str = Field("bert-base-uncased", description="BERT id, or a local directory offline.")
+
+
 class GroundConfig(StageConfig):
-    backend: Literal["grounding-dino", "annotations"] = "grounding-dino"
+    backend: Literal["grounding-dino", "groundingdino-py", "annotations"] = "grounding-dino"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(model="IDEA-Research/grounding-dino-tiny"))
     box_threshold: float = Field(0.35, ge=0, le=1, description="Minimum box confidence.")
     text_threshold: float = Field(0.25, ge=0, le=1, description="Minimum phrase-token confidence.")
     max_boxes: int = Field(5, ge=1, description="Keep at most this many boxes per image (highest scores).")
     nms_iou: float | None = Field(0.7, gt=0, le=1, description="Drop boxes overlapping a better one this much.")
     annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
+    groundingdino_py: GroundingDinoPyConfig = Field(default_factory=GroundingDinoPyConfig)
+
+    @model_validator(mode="after")
+    def _checkpoint_for_package(self) -> GroundConfig:
+        if self.backend == "groundingdino-py" and not self.groundingdino_py.checkpoint:
+            raise ValueError("backend groundingdino-py needs groundingdino_py.checkpoint (a local file)")
+        return self
 
 
 @register
@@ -77,6 +100,9 @@ class Ground(Stage):
                 cfg.model.model, dtype=self.dtype, **kwargs
             ).to(self.device)
             self.model.eval()
+        elif cfg.backend == "groundingdino-py":
+            self.device = select_device(self.resources.gpus, self.name)
+            self.worker = _PackageWorker(cfg.groundingdino_py, self.device.type)
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         return pa.schema(
@@ -90,11 +116,12 @@ class Ground(Stage):
 
     def process_batch(self, table: pa.Table) -> BatchResult:
         rows = table.to_pylist()
-        if self.config.backend == "annotations":
+        if self.config.backend in ("annotations", "groundingdino-py"):
+            one = self._from_annotations if self.config.backend == "annotations" else self._from_package
             results: list[list[tuple[list[float], float, str]] | RowError] = []
             for row in rows:
                 try:
-                    results.append(self._from_annotations(row))
+                    results.append(one(row))
                 except RowError as err:
                     results.append(err)
         else:
@@ -153,6 +180,28 @@ class Ground(Stage):
                     out[i].append((clipped, float(score), self._phrase_for(str(label), rows[i]["key_phrases"])))
         return out
 
+    def _from_package(self, row: dict[str, Any]) -> list[tuple[list[float], float, str]]:
+        if not row["key_phrases"]:
+            return []
+        h, w = decode_rgb(row["image"]).shape[:2]
+        caption = " . ".join(p.lower() for p in row["key_phrases"]) + " ."
+        reply = self.worker.ask(
+            {
+                "image": base64.b64encode(row["image"]["bytes"]).decode("ascii"),
+                "caption": caption,
+                "box_threshold": self.config.box_threshold,
+                "text_threshold": self.config.text_threshold,
+            }
+        )
+        if "error" in reply:
+            raise RowError(f"ground: groundingdino-py failed on this image ({reply['error'][:200]})")
+        found = []
+        for box, score, label in zip(reply["boxes"], reply["scores"], reply["phrases"], strict=True):
+            clipped = clip_box(box, h, w)
+            if clipped is not None:
+                found.append((clipped, float(score), self._phrase_for(str(label), row["key_phrases"])))
+        return found
+
     def _from_annotations(self, row: dict[str, Any]) -> list[tuple[list[float], float, str]]:
         cfg = self.config.annotations
         anns = meta_field(row, cfg.field)
@@ -207,3 +256,57 @@ class Ground(Stage):
             )
             found = [found[i] for i in sorted(keep.tolist())]
         return [([round(v, 2) for v in b], round(s, 6), p) for b, s, p in found[: self.config.max_boxes]]
+
+
+class _PackageWorker:
+    """The groundingdino-py worker process (its own environment), spoken to in JSON lines."""
+
+    def __init__(self, cfg: GroundingDinoPyConfig, device: str) -> None:
+        python = Path(cfg.python)
+        if not python.exists():
+            raise PipelineError(
+                f"stages.ground.groundingdino_py.python: {cfg.python} not found; create the environment with "
+                "`make groundingdino-env` (groundingdino-py needs transformers < 5, so it lives apart)"
+            )
+        script = Path(__file__).with_name("groundingdino_worker.py")
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - open for the worker's whole life
+        self.proc = subprocess.Popen(
+            [
+                str(python),
+                str(script),
+                "--config",
+                cfg.config_file,
+                "--checkpoint",
+                str(cfg.checkpoint),
+                "--text-encoder",
+                cfg.text_encoder_type,
+                "--device",
+                device,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+        )
+        first = self._read()
+        if "ready" not in first:
+            raise PipelineError(f"groundingdino-py worker did not start: {first.get('error', 'no reply')}")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            tail = self.log.read()[-400:].strip().replace("\n", " | ")
+            return {"error": f"worker exited ({tail})"}
+        return json.loads(line)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if reply.get("error", "").startswith("worker exited"):
+            raise PipelineError(f"groundingdino-py {reply['error']}")
+        return reply
