@@ -21,6 +21,7 @@ were allowed to change, and `perturbation` {method, timestep, fallback, seed}.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -250,14 +251,8 @@ def diffusion_noise(img: np.ndarray, eps: np.ndarray, cfg: NoiseConfig) -> np.nd
 
     The step itself is diffusers' DDPMScheduler.add_noise, so the schedule is exactly diffusers'."""
     import torch
-    from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-    )
+    sched = _scheduler(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule)
     x0 = img.astype(np.float32) / 255.0
     if cfg.scale == "symmetric":
         x0 = x0 * 2.0 - 1.0
@@ -265,6 +260,13 @@ def diffusion_noise(img: np.ndarray, eps: np.ndarray, cfg: NoiseConfig) -> np.nd
     if cfg.scale == "symmetric":
         xt = (xt + 1.0) / 2.0
     return xt * 255.0
+
+
+@lru_cache(maxsize=8)
+def _scheduler(steps: int, beta_start: float, beta_end: float, schedule: str) -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=steps, beta_start=beta_start, beta_end=beta_end, beta_schedule=schedule)
 
 
 def soften(region: np.ndarray, dilate_px: int, feather_px: float) -> np.ndarray:
