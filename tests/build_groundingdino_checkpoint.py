@@ -15,9 +15,7 @@ from groundingdino.models import build_model
 from groundingdino.util.slconfig import SLConfig
 from transformers import BertConfig, BertModel, BertTokenizer
 
-WORDS = (
-    "a an the cat dog person car cup helmet rocket flag clock coin eye saucer spoon camera tripod"
-).split()
+WORDS = ("a an the cat dog person car cup helmet rocket flag clock coin eye saucer spoon camera tripod").split()
 
 
 def main(out: Path) -> None:

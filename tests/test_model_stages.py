@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from contract import _rgb, check
-from helpers import SAMPLE_JSONL, cli, write_config
+from helpers import SAMPLE_JSONL, cli, tree, write_config
 from stage_runner import build_stage, run_stage
 from tiny_models import save_tiny_grounding_dino, save_tiny_inpaint_pipeline, save_tiny_sam, save_tiny_sam2
 
@@ -106,6 +106,7 @@ def test_inpaint_changes_only_the_mask(models):
     assert [r["rejected_image"] for r in out] == [r["rejected_image"] for r in again]  # seeded per row
 
 
+@pytest.mark.ray
 def test_model_stages_through_the_pipeline(tmp_path: Path, models):
     stages = {
         "ingest": {"source": str(SAMPLE_JSONL), "limit": 6},
@@ -121,17 +122,23 @@ def test_model_stages_through_the_pipeline(tmp_path: Path, models):
         "perturb": {},
         "write": {},
     }
-    out = tmp_path / "out"
-    proc = cli(
-        "run", str(write_config(tmp_path / "c.yaml", SAMPLE_JSONL, out, stages=stages, shard_size=3)), check=True
-    )
-    assert "no CUDA device visible, running on CPU" in proc.stderr  # asked for a GPU, fell back with a warning
-    rows, problems = check(out)
-    assert problems == [] and len(rows) == 6
-    for r in rows:
-        if r["key_phrases"]:
-            assert len(r["boxes"]) == 2 and set(r["box_phrases"]) <= set(r["key_phrases"])
-            assert r["perturbation"]["fallback"] is None
+    trees = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        cfg = write_config(
+            tmp_path / f"{executor}.yaml", SAMPLE_JSONL, out, stages=stages, shard_size=3, executor=executor
+        )
+        proc = cli("run", str(cfg), check=True)
+        # Asked for a GPU where there is none: runs on CPU, with a warning.
+        assert "running on CPU" in proc.stderr
+        rows, problems = check(out)
+        assert problems == [] and len(rows) == 6
+        for r in rows:
+            if r["key_phrases"]:
+                assert len(r["boxes"]) == 2 and set(r["box_phrases"]) <= set(r["key_phrases"])
+                assert r["perturbation"]["fallback"] is None
+        trees[executor] = tree(out)
+    assert trees["local"] == trees["ray"]  # model stages give the same bytes on both executors
 
 
 def test_gpu_request_without_cuda_warns(models):
