@@ -153,3 +153,13 @@ def test_second_run_on_same_output_is_refused(tmp_path: Path, source: Path):
         fcntl.flock(fh, fcntl.LOCK_EX)
         proc = cli("run", str(cfg))
     assert proc.returncode == 1 and "another run is using" in proc.stderr
+
+
+@pytest.mark.ray
+def test_sigkill_of_a_ray_run_then_resume_is_identical(tmp_path: Path, source: Path, reference: Path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", source, out, shard_size=1, executor="ray")
+    done = _kill_when(cfg, out / "ingest" / "_commits", 40)
+    assert 40 <= done < ROWS, "killed in the middle of ingest, with Ray actors at work"
+    cli("run", str(cfg), check=True)
+    assert tree(out) == tree(reference)
