@@ -254,6 +254,11 @@ class Ingest(SourceStage):
         if self.config.limit is not None:
             order = order[: self.config.limit]
         id_col = self._id_column()
+        if id_col is not None and isinstance(self.source, _DatasetsSource) and id_col not in self.source.columns():
+            raise PipelineError(
+                f"stages.ingest.id_column: {id_col!r} is not a column of the source "
+                f"({', '.join(sorted(self.source.columns()))})"
+            )
         ids: list[str] = []
         errors: list[str | None] = []
         for start in range(0, len(order), 1024):

@@ -164,3 +164,24 @@ def test_decoded_image_matches_source_pixels(tmp_path: Path):
     [row] = dataset_rows(out)
     original = Image.open(io.BytesIO((tmp_path / "src" / "images" / "0.jpg").read_bytes())).convert("RGB")
     assert np.array_equal(np.asarray(row["images"][0]), np.asarray(original))
+
+
+def test_unknown_id_column_of_a_table_source_is_named(tmp_path: Path):
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": encode(photo()), "path": None}], "question": ["q"], "chosen": ["c"], "rejected": ["r"]},
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "question": datasets.Value("string"),
+                "chosen": datasets.Value("string"),
+                "rejected": datasets.Value("string"),
+            }
+        ),
+    )
+    ds.to_parquet(str(tmp_path / "x.parquet"))
+    stages = {"ingest": {"source": str(tmp_path / "x.parquet"), "id_column": "uid"}, "write": {}}
+    proc = cli("run", str(write_config(tmp_path / "c.yaml", tmp_path / "x.parquet", tmp_path / "out", stages=stages)))
+    assert proc.returncode == 1
+    assert "stages.ingest.id_column: 'uid' is not a column of the source (chosen, image, question, rejected)" in (
+        proc.stderr.replace("\n", "")
+    )
