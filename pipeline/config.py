@@ -139,7 +139,7 @@ def _check_order(stages: dict[str, StageConfig]) -> list[str]:
         if i > 0 and cls.is_source:
             problems.append(f"stages.{name}: a source stage must come first")
         if isinstance(cls.inputs, tuple):
-            missing = [c for c in cls.inputs if c not in produced]
+            missing = [c for c in (*cls.inputs, *cls.global_inputs) if c not in produced]
             if missing:
                 problems.append(
                     f"stages.{name}: needs column(s) {', '.join(missing)} that no earlier stage produces; "

@@ -31,9 +31,12 @@ class StageSpec:
     name: str
     config: StageConfig
     context: StageContext
+    prepared: Any = None  # the driver's prepare() result, for stages with global inputs
 
     def build(self) -> Stage:
-        return get_stage(self.name)(self.config, self.context)
+        stage = get_stage(self.name)(self.config, self.context)
+        stage.prepared = self.prepared
+        return stage
 
 
 OnResult = Callable[[ShardResult], None]

@@ -28,7 +28,7 @@ from pipeline.progress import make_progress
 from pipeline.registry import get_stage
 from pipeline.stage import ALL_COLUMNS, SourceStage, Stage, StageContext
 from pipeline.storage import CommitRecord, RunLayout, StageState, write_json, write_parquet
-from pipeline.worker import InputPart, ShardResult, ShardTask
+from pipeline.worker import InputPart, ShardResult, ShardTask, load_input
 
 log = logging.getLogger("mfpo")
 
@@ -193,7 +193,13 @@ class Runner:
                 result.rows_quarantined,
             )
 
-        spec = StageSpec(name, self.config.stages[name], self.context(name))
+        prepared = None
+        if stage.global_inputs and pending:
+            everything = self._tasks(
+                index, name, stage, list(range(num_shards)), num_shards, None, rows_of, columns=stage.global_inputs
+            )
+            prepared = stage.prepare(pa.concat_tables(load_input(t) for t in everything))
+        spec = StageSpec(name, self.config.stages[name], self.context(name), prepared)
         tasks = self._tasks(index, name, stage, pending, num_shards, plan, rows_of)
         self._executor_or_default().run_stage(
             spec, tasks, len(pending), on_result, lambda n: progress.advance(task_id, n)
@@ -242,10 +248,11 @@ class Runner:
         num_shards: int,
         plan: pa.Table | None,
         rows_of: list[int],
+        columns: tuple[str, ...] | None = None,
     ) -> Iterator[ShardTask]:
         root = self.layout.root.resolve()
         producers = self._producers(index)
-        wanted = list(producers) if stage.inputs == ALL_COLUMNS else list(stage.inputs)
+        wanted = list(columns) if columns else list(producers) if stage.inputs == ALL_COLUMNS else list(stage.inputs)
         for k in pending:
             task = ShardTask(
                 shard=k,

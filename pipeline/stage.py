@@ -102,10 +102,14 @@ class Stage(ABC):
     inputs: ClassVar[tuple[str, ...] | str] = ()  # columns read; ALL_COLUMNS for every column so far
     outputs: ClassVar[tuple[str, ...]] = ()  # columns added (sample_id is implicit)
     is_source: ClassVar[bool] = False  # source stages plan their input rows (see SourceStage)
+    # Columns this stage must see for *every* row before it can process any shard (e.g. to rank rows):
+    # the engine reads them from all committed upstream shards and hands them to `prepare()`.
+    global_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig, context: StageContext) -> None:
         self.config = config
         self.context = context
+        self.prepared: Any = None  # what prepare() returned, on every worker
 
     @property
     def resources(self) -> Resources:
@@ -113,6 +117,11 @@ class Stage(ABC):
 
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models or open sources, once per worker."""
+
+    def prepare(self, table: pa.Table) -> Any:
+        """Driver side, once, for stages with `global_inputs`: `table` holds sample_id and those columns
+        for every row. Return something picklable; workers find it in `self.prepared`."""
+        return None
 
     def fingerprint_extra(self) -> Any:
         """Anything besides the config that determines the output (e.g. the source file's hash)."""

@@ -1,0 +1,108 @@
+"""score: one pass of the reference model over each row: difficulty and the reference log-probs.
+
+The reference model is the policy's starting checkpoint (any `AutoModelForImageTextToText` with its
+processor: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / 2.5-VL, Idefics3). Per row, on the answer tokens only:
+
+- `difficulty`: entropy of the model's next-token distribution over the chosen answer given
+  (question, clean image), full vocabulary, `aggregate: mean` (default) or `sum` per answer; or
+  `difficulty: nll`, the chosen answer's negative log-likelihood.
+- `ref_logp_chosen` = log pi_ref(y_w | t, m), `ref_logp_rejected` = log pi_ref(y_l | t, m),
+  `ref_logp_chosen_noised` = log pi_ref(y_w | t, m') (sums over answer tokens; null where the row has
+  no dispreferred image), so training never holds a second model.
+
+The `bucket` stage then ranks the difficulties into the curriculum's easy / medium / hard buckets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.images import decode_rgb
+from pipeline.registry import register
+from pipeline.stage import BatchResult, Stage, StageConfig
+from stages.common import ModelConfig, select_device, select_dtype
+from stages.vlm import answer_scores, build_example, collate, load_vlm
+
+
+class ScoreConfig(StageConfig):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(model="llava-hf/llava-1.5-7b-hf"))
+    difficulty: Literal["entropy", "nll"] = Field("entropy", description="What difficulty measures.")
+    aggregate: Literal["mean", "sum"] = Field("mean", description="Entropy per answer token averaged or summed.")
+    system_prompt: str | None = Field(None, description="System turn before the question, if the model wants one.")
+
+
+@register
+class Score(Stage):
+    name: ClassVar[str] = "score"
+    Config = ScoreConfig
+    inputs: ClassVar[tuple[str, ...]] = ("image", "question", "chosen", "rejected", "rejected_image")
+    outputs: ClassVar[tuple[str, ...]] = (
+        "difficulty",
+        "ref_logp_chosen",
+        "ref_logp_rejected",
+        "ref_logp_chosen_noised",
+    )
+    config: ScoreConfig
+
+    def setup(self) -> None:
+        self.device = select_device(self.resources.gpus, self.name)
+        self.dtype = select_dtype(self.device, self.config.model.precision)
+        self.model, self.processor = load_vlm(self.config.model, self.device, self.dtype)
+        self.model.eval()
+        tok = self.processor.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        return pa.schema(
+            [
+                ("sample_id", pa.string()),
+                ("difficulty", pa.float64()),
+                ("ref_logp_chosen", pa.float64()),
+                ("ref_logp_rejected", pa.float64()),
+                ("ref_logp_chosen_noised", pa.float64()),
+            ]
+        )
+
+    def _score(self, images: list[Any], questions: list[str], answers: list[str]) -> dict[str, Any]:
+        import torch
+
+        examples = [
+            build_example(self.processor, img, q, a, self.config.system_prompt)
+            for img, q, a in zip(images, questions, answers, strict=True)
+        ]
+        with torch.inference_mode():
+            return answer_scores(self.model, examples, collate(examples, self.pad_id, self.device, self.dtype))
+
+    def process_batch(self, table: pa.Table) -> BatchResult:
+        rows = table.to_pylist()
+        clean = [decode_rgb(r["image"]) for r in rows]
+        questions = [r["question"] for r in rows]
+        chosen = self._score(clean, questions, [r["chosen"] for r in rows])
+        rejected = self._score(clean, questions, [r["rejected"] for r in rows])
+        noisy_idx = [i for i, r in enumerate(rows) if r["rejected_image"] is not None]
+        noised: dict[int, float] = {}
+        if noisy_idx:
+            scores = self._score(
+                [decode_rgb(rows[i]["rejected_image"]) for i in noisy_idx],
+                [questions[i] for i in noisy_idx],
+                [rows[i]["chosen"] for i in noisy_idx],
+            )
+            noised = dict(zip(noisy_idx, scores["logp"].tolist(), strict=True))
+        if self.config.difficulty == "nll":
+            difficulty = (-chosen["logp"]).tolist()
+        else:
+            difficulty = chosen["entropy_mean" if self.config.aggregate == "mean" else "entropy_sum"].tolist()
+        out = [
+            {
+                "sample_id": r["sample_id"],
+                "difficulty": difficulty[i],
+                "ref_logp_chosen": float(chosen["logp"][i]),
+                "ref_logp_rejected": float(rejected["logp"][i]),
+                "ref_logp_chosen_noised": noised.get(i),
+            }
+            for i, r in enumerate(rows)
+        ]
+        return BatchResult(pa.Table.from_pylist(out, schema=self.output_schema(table.schema)))

@@ -1,0 +1,93 @@
+"""Vision-language model helpers shared by the `score` stage and the trainer: load any
+`AutoModelForImageTextToText` with its processor, turn (image, question, answer) into model inputs the
+same way everywhere, and score answers (summed log-probs, predictive entropy) on the answer tokens only.
+
+Answers are tokenized apart from the prompt and appended (as TRL does), so a prompt's tokens never merge
+with the answer's; the tokenizer's end-of-turn token closes the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stages.common import ModelConfig
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    answer_start: int  # index of the first answer token in input_ids
+    extra: dict[str, Any]  # processor outputs besides input_ids / attention_mask (pixel_values, ...)
+
+
+def load_vlm(cfg: ModelConfig, device: Any, dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = cfg.pretrained_kwargs()
+    processor = AutoProcessor.from_pretrained(cfg.model, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype, **kwargs).to(device)
+    return model, processor
+
+
+def prompt_messages(question: str, system: str | None = None) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    return messages
+
+
+def build_example(processor: Any, image: np.ndarray, question: str, answer: str, system: str | None = None) -> Example:
+    prompt = processor.apply_chat_template(prompt_messages(question, system), add_generation_prompt=True)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    tokenizer = processor.tokenizer
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = [*answer_ids, tokenizer.eos_token_id]
+    prompt_ids = inputs["input_ids"][0].tolist()
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    return Example(prompt_ids + answer_ids, len(prompt_ids), extra)
+
+
+def collate(examples: list[Example], pad_id: int, device: Any, dtype: Any) -> dict[str, Any]:
+    """Right-padded batch; per-example image tensors are concatenated along their first dimension,
+    which fits LLaVA (one image each), LLaVA-NeXT, Qwen2-VL (patches + grid) and Idefics3 alike."""
+    import torch
+
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, : len(e.input_ids)] = 1
+    batch: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    for key in examples[0].extra:
+        value = torch.cat([e.extra[key] for e in examples], dim=0)
+        batch[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    return batch
+
+
+def answer_scores(model: Any, examples: list[Example], batch: dict[str, Any]) -> dict[str, Any]:
+    """Per example: summed answer log-prob, and the mean / summed entropy of the next-token
+    distribution over the answer positions (full vocabulary). Returns float64 numpy arrays."""
+    import torch
+
+    logits = model(**batch).logits
+    logp_sum, ent_mean, ent_sum = [], [], []
+    for i, e in enumerate(examples):
+        end = len(e.input_ids)
+        # Position t predicts token t + 1: the answer tokens [start, end) are predicted at [start-1, end-1).
+        lp = torch.log_softmax(logits[i, e.answer_start - 1 : end - 1].float(), dim=-1)
+        targets = batch["input_ids"][i, e.answer_start : end]
+        logp_sum.append(lp.gather(-1, targets[:, None]).sum())
+        entropy = -(lp.exp() * lp).sum(-1)
+        ent_mean.append(entropy.mean())
+        ent_sum.append(entropy.sum())
+    return {
+        "logp": torch.stack(logp_sum).detach().double().cpu().numpy(),
+        "entropy_mean": torch.stack(ent_mean).detach().double().cpu().numpy(),
+        "entropy_sum": torch.stack(ent_sum).detach().double().cpu().numpy(),
+    }
