@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -78,6 +79,52 @@ def status(
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     else:
         _print_status(statuses, Console())
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint and finished stages")
+    ] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Train with MFPO on the finished dataset, bucket by bucket (easy -> hard)."""
+    cfg = _load(config, overrides)
+    if cfg.train is None:
+        err_console.print("[red]config error:[/red] no `train:` section in the config (see pipeline.yaml)")
+        raise typer.Exit(2)
+    _console_logging()
+    out = Path(cfg.train.output_dir or cfg.output_dir / "train")
+    dataset = Path(cfg.train.dataset_dir or cfg.output_dir / "dataset")
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("mfpo")
+    logger.addHandler(handler)
+    try:
+        from training.card import write_model_card
+        from training.trainer import train as run_training
+
+        summary = run_training(cfg.train, dataset, out, cfg.run.seed, resume=resume)
+        write_model_card(out / "final", cfg, dataset, summary)
+    except PipelineError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    except Exception as err:
+        logger.exception("training failed")
+        err_console.print(
+            f"[red]error:[/red] {type(err).__name__}: {err} (details in {out / 'train.log'})", highlight=False
+        )
+        raise typer.Exit(1) from None
+    finally:
+        logger.removeHandler(handler)
+    for stage in summary["stages"]:
+        Console().print(
+            f"stage {stage['stage']} ({stage['bucket']}): {stage['rows']} rows, {stage['steps']} steps, "
+            f"train loss {stage['train_loss']:.4f}"
+        )
+    Console().print(f"model saved to {out / 'final'}")
 
 
 def _console_logging() -> None:

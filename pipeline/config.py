@@ -43,6 +43,7 @@ class RunConfig(StrictModel):
 class _RawPipelineConfig(StrictModel):
     run: RunConfig = Field(default_factory=RunConfig)
     stages: dict[str, dict[str, Any] | None]
+    train: dict[str, Any] | None = None
 
 
 @dataclass
@@ -52,6 +53,7 @@ class PipelineConfig:
     run: RunConfig
     stages: dict[str, StageConfig]  # in execution order
     source_path: Path | None = None
+    train: Any = None  # training.config.TrainConfig when the config has a `train:` section
 
     @property
     def output_dir(self) -> Path:
@@ -123,9 +125,17 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> PipelineConfig:
             problems.extend(_messages(err, stage_cls.Config, ("stages", name)))
     if not problems:
         problems.extend(_check_order(stages))
+    train = None
+    if top.train is not None:
+        from training.config import TrainConfig  # pydantic only; the trainer itself loads on `train`
+
+        try:
+            train = TrainConfig.model_validate(top.train)
+        except ValidationError as err:
+            problems.extend(_messages(err, TrainConfig, ("train",)))
     if problems:
         raise ConfigError(_format(origin, problems))
-    return PipelineConfig(run=top.run, stages=stages)
+    return PipelineConfig(run=top.run, stages=stages, train=train)
 
 
 def _check_order(stages: dict[str, StageConfig]) -> list[str]:
