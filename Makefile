@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv if missing, installs the project, runs the offline recipe end to end
+#               (data pipeline, then MFPO training of a tiny model)
 #   make test   same environment, runs the linter and the whole test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -21,8 +22,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) examples/make_tiny_vlm.py outputs/models/tiny-llava
 	$(PY) -m pipeline run examples/quickstart.yaml
 	$(PY) -m pipeline status examples/quickstart.yaml
+	$(PY) -m pipeline train examples/quickstart.yaml
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -10,12 +10,23 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import REPO, SAMPLE_JSONL, cli
 from PIL import Image
+from tiny_models import save_tiny_llava
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("quickstart") / "out"
-    cli("run", "examples/quickstart.yaml", "--set", f"run.output_dir={out}", check=True)
+    root = tmp_path_factory.mktemp("quickstart")
+    model = save_tiny_llava(root / "tiny-llava")
+    out = root / "out"
+    cli(
+        "run",
+        "examples/quickstart.yaml",
+        "--set",
+        f"run.output_dir={out}",
+        "--set",
+        f"stages.score.model.model={model}",
+        check=True,
+    )
     return out
 
 
@@ -61,6 +72,7 @@ def test_one_row_per_valid_input_row(quickstart: Path):
         assert row["boxes"] == [[float(v) for v in a["box"]] for a in src["annotations"]]
         assert row["perturbation"]["method"] == "diffusion-noise" and row["perturbation"]["fallback"] is None
     assert isinstance(ds.features["rejected_image"], ImageFeature)
+    assert sorted(ds["bucket"]) == sorted(["easy"] * 9 + ["medium"] * 10 + ["hard"] * 9)
 
 
 @pytest.mark.ray
@@ -78,10 +90,10 @@ def test_card_and_status(quickstart: Path):
     assert card.startswith("---\npretty_name: MFPO quickstart sample\nconfigs:")
     assert f"- rows: {n} in " in card and f"| ingest | {n} | {n} | 0 | - |" in card
     assert "`images` | list of Image" in card
-    status = json.loads(
-        cli("status", "examples/quickstart.yaml", "--json", "--set", f"run.output_dir={quickstart}", check=True).stdout
-    )
-    names = ["ingest", "keywords", "ground", "segment", "perturb", "write"]
+    model = quickstart.parent / "tiny-llava"
+    args = ["--set", f"run.output_dir={quickstart}", "--set", f"stages.score.model.model={model}"]
+    status = json.loads(cli("status", "examples/quickstart.yaml", "--json", *args, check=True).stdout)
+    names = ["ingest", "keywords", "ground", "segment", "perturb", "score", "bucket", "write"]
     assert [(s["name"], s["state"], s["rows_kept"]) for s in status["stages"]] == [(x, "done", n) for x in names]
     # Rows hold no absolute paths: nothing machine-specific leaks into the data.
     for f in (quickstart / "dataset" / "data").glob("*.parquet"):
