@@ -205,8 +205,11 @@ def refresh_reference(model: Any, processor: Any, rows: list[dict[str, Any]], cf
 
 def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, resume: bool = False) -> dict[str, Any]:
     """Run the curriculum; returns a summary (per stage: rows, steps, last metrics)."""
+    from transformers import set_seed
+
     rows = read_rows(dataset_dir)
     stages = curriculum_stages(cfg, rows)
+    set_seed(seed)  # the adapters' random initialisation too: the same seed gives the same run
     model, processor = build_policy(cfg)
     collator = MFPOCollator(processor, cfg.system_prompt)
     weights = LossWeights(cfg.loss.beta, cfg.loss.eta, cfg.loss.w_text, cfg.loss.w_image, cfg.loss.w_margin)
