@@ -103,8 +103,8 @@ def train(
     logger = logging.getLogger("mfpo")
     logger.addHandler(handler)
     try:
-        from training.card import write_model_card
-        from training.trainer import train as run_training
+        from mfpo_train.card import write_model_card
+        from mfpo_train.trainer import train as run_training
 
         summary = run_training(cfg.train, dataset, out, cfg.run.seed, resume=resume)
         write_model_card(out / "final", cfg, dataset, summary)

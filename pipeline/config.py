@@ -53,7 +53,7 @@ class PipelineConfig:
     run: RunConfig
     stages: dict[str, StageConfig]  # in execution order
     source_path: Path | None = None
-    train: Any = None  # training.config.TrainConfig when the config has a `train:` section
+    train: Any = None  # mfpo_train.config.TrainConfig when the config has a `train:` section
 
     @property
     def output_dir(self) -> Path:
@@ -127,7 +127,7 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> PipelineConfig:
         problems.extend(_check_order(stages))
     train = None
     if top.train is not None:
-        from training.config import TrainConfig  # pydantic only; the trainer itself loads on `train`
+        from mfpo_train.config import TrainConfig  # pydantic only; the trainer itself loads on `train`
 
         try:
             train = TrainConfig.model_validate(top.train)

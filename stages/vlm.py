@@ -40,16 +40,26 @@ def prompt_messages(question: str, system: str | None = None) -> list[dict[str, 
     return messages
 
 
-def build_example(processor: Any, image: np.ndarray, question: str, answer: str, system: str | None = None) -> Example:
+def build_prompt(processor: Any, image: np.ndarray, question: str, system: str | None = None) -> Example:
+    """The prompt part of a sequence (image tokens and question), ready for `with_answer`."""
     prompt = processor.apply_chat_template(prompt_messages(question, system), add_generation_prompt=True)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    prompt_ids = inputs["input_ids"][0].tolist()
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    return Example(prompt_ids, len(prompt_ids), extra)
+
+
+def with_answer(processor: Any, prompt: Example, answer: str) -> Example:
+    """The prompt followed by the answer's own tokens and the end-of-turn token."""
     tokenizer = processor.tokenizer
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
-    prompt_ids = inputs["input_ids"][0].tolist()
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    return Example(prompt_ids + answer_ids, len(prompt_ids), extra)
+    return Example(prompt.input_ids + answer_ids, len(prompt.input_ids), prompt.extra)
+
+
+def build_example(processor: Any, image: np.ndarray, question: str, answer: str, system: str | None = None) -> Example:
+    return with_answer(processor, build_prompt(processor, image, question, system), answer)
 
 
 def collate(examples: list[Example], pad_id: int, device: Any, dtype: Any) -> dict[str, Any]:
@@ -70,24 +80,36 @@ def collate(examples: list[Example], pad_id: int, device: Any, dtype: Any) -> di
     return batch
 
 
+def answer_spans(examples: list[Example]) -> Any:
+    """(n, 2) tensor of [first answer token, end) per example, for `answer_logps`."""
+    import torch
+
+    return torch.tensor([[e.answer_start, len(e.input_ids)] for e in examples], dtype=torch.long)
+
+
+def answer_logps(logits: Any, input_ids: Any, spans: Any, with_entropy: bool = False) -> tuple[Any, Any]:
+    """Summed log-prob of each example's answer tokens (differentiable), and optionally the entropy of
+    the next-token distribution at each answer position (a list of 1-d tensors)."""
+    import torch
+
+    logps, entropies = [], []
+    for i, (start, end) in enumerate(spans.tolist()):
+        # Position t predicts token t + 1: answer tokens [start, end) are predicted at [start-1, end-1).
+        lp = torch.log_softmax(logits[i, start - 1 : end - 1].float(), dim=-1)
+        logps.append(lp.gather(-1, input_ids[i, start:end, None]).sum())
+        if with_entropy:
+            entropies.append(-(lp.exp() * lp).sum(-1))
+    return torch.stack(logps), entropies
+
+
 def answer_scores(model: Any, examples: list[Example], batch: dict[str, Any]) -> dict[str, Any]:
     """Per example: summed answer log-prob, and the mean / summed entropy of the next-token
     distribution over the answer positions (full vocabulary). Returns float64 numpy arrays."""
     import torch
 
-    logits = model(**batch).logits
-    logp_sum, ent_mean, ent_sum = [], [], []
-    for i, e in enumerate(examples):
-        end = len(e.input_ids)
-        # Position t predicts token t + 1: the answer tokens [start, end) are predicted at [start-1, end-1).
-        lp = torch.log_softmax(logits[i, e.answer_start - 1 : end - 1].float(), dim=-1)
-        targets = batch["input_ids"][i, e.answer_start : end]
-        logp_sum.append(lp.gather(-1, targets[:, None]).sum())
-        entropy = -(lp.exp() * lp).sum(-1)
-        ent_mean.append(entropy.mean())
-        ent_sum.append(entropy.sum())
+    logp, entropies = answer_logps(model(**batch).logits, batch["input_ids"], answer_spans(examples), True)
     return {
-        "logp": torch.stack(logp_sum).detach().double().cpu().numpy(),
-        "entropy_mean": torch.stack(ent_mean).detach().double().cpu().numpy(),
-        "entropy_sum": torch.stack(ent_sum).detach().double().cpu().numpy(),
+        "logp": logp.detach().double().cpu().numpy(),
+        "entropy_mean": torch.stack([e.mean() for e in entropies]).detach().double().cpu().numpy(),
+        "entropy_sum": torch.stack([e.sum() for e in entropies]).detach().double().cpu().numpy(),
     }

@@ -88,10 +88,10 @@ def test_image_preference_is_learned(run, tmp_path: Path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from mfpo_train.config import TrainConfig
+    from mfpo_train.trainer import read_rows, train
     from pipeline.images import decode_rgb
     from stages.vlm import answer_logps, answer_spans, build_example, collate
-    from training.config import TrainConfig
-    from training.trainer import read_rows, train
 
     out, _ = run
     base = str(out.parent / "tiny-llava")

@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import torch
 from transformers import Trainer, TrainingArguments
 
+from mfpo_train.config import TrainConfig
+from mfpo_train.loss import LossWeights, mfpo_loss
 from pipeline.errors import PipelineError
 from pipeline.images import decode_rgb
 from stages.common import select_device, select_dtype
-from stages.vlm import answer_logps, answer_spans, build_example, collate, load_vlm
-from training.config import TrainConfig
-from training.loss import LossWeights, mfpo_loss
+from stages.vlm import answer_logps, answer_spans, build_prompt, collate, load_vlm, with_answer
 
 log = logging.getLogger("mfpo")
 REF_COLUMNS = ("ref_logp_chosen", "ref_logp_rejected", "ref_logp_chosen_noised")
@@ -72,11 +72,11 @@ class MFPOCollator:
         for r in rows:
             clean = decode_rgb(r["images"][0])
             dispreferred = decode_rgb(r["rejected_image"]) if r["rejected_image"] is not None else clean
-            chosen.append(build_example(self.processor, clean, r["question"], r["chosen_text"], self.system_prompt))
-            rejected.append(build_example(self.processor, clean, r["question"], r["rejected_text"], self.system_prompt))
-            noised.append(
-                build_example(self.processor, dispreferred, r["question"], r["chosen_text"], self.system_prompt)
-            )
+            prompt = build_prompt(self.processor, clean, r["question"], self.system_prompt)  # shared by two answers
+            noised_prompt = build_prompt(self.processor, dispreferred, r["question"], self.system_prompt)
+            chosen.append(with_answer(self.processor, prompt, r["chosen_text"]))
+            rejected.append(with_answer(self.processor, prompt, r["rejected_text"]))
+            noised.append(with_answer(self.processor, noised_prompt, r["chosen_text"]))
             has_image.append(r["rejected_image"] is not None and r["ref_logp_chosen_noised"] is not None)
             reference.append([r["ref_logp_chosen"], r["ref_logp_rejected"], r["ref_logp_chosen_noised"] or 0.0])
         examples = chosen + rejected + noised
