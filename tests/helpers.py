@@ -156,3 +156,17 @@ def quantised_moments(mu: float, sigma: float) -> tuple[float, float]:
     levels = np.arange(256)
     mean = float((p * levels).sum())
     return mean, float((p * (levels - mean) ** 2).sum())
+
+
+def scored_stages(model: Path, rows: int = 9) -> dict[str, Any]:
+    """The full data path on the bundled sample with weight-free backends and `model` as the reference VLM."""
+    return {
+        "ingest": {"source": str(SAMPLE_JSONL), "limit": rows},
+        "keywords": {},
+        "ground": {"backend": "annotations", "annotations": {"select": "all"}},
+        "segment": {"backend": "box"},
+        "perturb": {},
+        "score": {"model": {"model": str(model)}, "resources": {"batch_size": 4}},
+        "bucket": {},
+        "write": {},
+    }

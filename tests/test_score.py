@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from contract import _rgb, check
-from helpers import SAMPLE_JSONL, cli, encode, tree, write_config
+from helpers import SAMPLE_JSONL, cli, encode, scored_stages, tree, write_config
 from PIL import Image
 from stage_runner import run_stage
 from tiny_models import save_tiny_llava
@@ -98,16 +98,7 @@ def test_buckets_are_thirds_by_rank_with_ties_broken_by_id():
 
 @pytest.mark.ray
 def test_score_and_bucket_through_the_pipeline(tmp_path: Path, llava: Path):
-    stages = {
-        "ingest": {"source": str(SAMPLE_JSONL), "limit": 9},
-        "keywords": {},
-        "ground": {"backend": "annotations", "annotations": {"select": "all"}},
-        "segment": {"backend": "box"},
-        "perturb": {},
-        "score": {"model": {"model": str(llava)}, "resources": {"batch_size": 4}},
-        "bucket": {},
-        "write": {},
-    }
+    stages = scored_stages(llava)
     trees = {}
     for executor in ("local", "ray"):
         out = tmp_path / executor

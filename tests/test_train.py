@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import SAMPLE_JSONL, cli, write_config
+from helpers import SAMPLE_JSONL, cli, scored_stages, write_config
 from safetensors.torch import load_file
 from tiny_models import save_tiny_llava
 
@@ -30,16 +30,7 @@ TRAIN = {
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("train")
     llava = save_tiny_llava(root / "tiny-llava")
-    stages = {
-        "ingest": {"source": str(SAMPLE_JSONL), "limit": 9},
-        "keywords": {},
-        "ground": {"backend": "annotations", "annotations": {"select": "all"}},
-        "segment": {"backend": "box"},
-        "perturb": {},
-        "score": {"model": {"model": str(llava)}},
-        "bucket": {},
-        "write": {},
-    }
+    stages = scored_stages(llava)
     cfg = write_config(root / "cfg.yaml", SAMPLE_JSONL, root / "out", stages=stages, shard_size=4)
     raw = cfg.read_text() + json.dumps({"train": {**TRAIN, "model": {"model": str(llava)}}})[1:-1].join(["\n", "\n"])
     cfg.write_text(raw.replace('"train": ', "train: "))
