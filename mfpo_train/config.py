@@ -43,6 +43,17 @@ class CurriculumSettings(StrictModel):
     )
 
 
+class RayTrainSettings(StrictModel):
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="0: train in this process (or under accelerate launch); "
+        "N: N data-parallel workers through Ray Train, on any node of the cluster.",
+    )
+    use_gpu: bool = Field(True, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
 class TrainConfig(StrictModel):
     model: ModelConfig = Field(
         default_factory=lambda: ModelConfig(model="llava-hf/llava-1.5-7b-hf"),
@@ -66,6 +77,7 @@ class TrainConfig(StrictModel):
     save_steps: int = Field(200, ge=1)
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     system_prompt: str | None = None
+    ray: RayTrainSettings = Field(default_factory=RayTrainSettings)
 
     @model_validator(mode="after")
     def _lora_needs_targets(self) -> TrainConfig:

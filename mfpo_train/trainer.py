@@ -164,6 +164,7 @@ def training_arguments(cfg: TrainConfig, out: Path, seed: int, epochs: float) ->
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every trainable tensor takes part in each MFPO forward
         report_to=cfg.report_to or "none",
         use_cpu=not cuda,
         dataloader_num_workers=0,
@@ -240,8 +241,10 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, resume: boo
             f", resuming from {checkpoint.name}" if checkpoint else "",
         )
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        trainer.save_model(str(stage_dir / "final"))
-        processor.save_pretrained(stage_dir / "final")
+        trainer.save_model(str(stage_dir / "final"))  # (rank 0 only, under DDP)
+        lead = trainer.is_world_process_zero()
+        if lead:
+            processor.save_pretrained(stage_dir / "final")
         history = [h for h in trainer.state.log_history if "loss/text" in h]
         record = {
             "stage": k,
@@ -252,12 +255,25 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, resume: boo
             "train_loss": result.training_loss,
             "last_metrics": history[-1] if history else {},
         }
-        done.write_text(json.dumps(record, indent=2) + "\n")
+        if lead:
+            done.write_text(json.dumps(record, indent=2) + "\n")
         summary["stages"].append(record)
-    final = out / "final"
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
+    if _is_lead():
+        final = out / "final"
+        _unwrap(model).save_pretrained(final)
+        processor.save_pretrained(final)
     return summary
+
+
+def _is_lead() -> bool:
+    """Whether this process writes shared files: always outside distributed training, else rank 0."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)
 
 
 def _last_checkpoint(stage_dir: Path) -> Path | None:
@@ -282,3 +298,8 @@ def _load_weights(model: Any, folder: Path, cfg: TrainConfig) -> None:
         for f in sorted(folder.glob("*.safetensors")):
             state.update(load_file(str(f)))
         model.load_state_dict(state, strict=False)
+
+
+def read_stage_records(out: Path) -> dict[str, Any]:
+    """The summary of a finished run, from the stage records rank 0 wrote."""
+    return {"stages": [json.loads(p.read_text()) for p in sorted(out.glob("stage-*/stage.json"))]}

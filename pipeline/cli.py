@@ -106,7 +106,12 @@ def train(
         from mfpo_train.card import write_model_card
         from mfpo_train.trainer import train as run_training
 
-        summary = run_training(cfg.train, dataset, out, cfg.run.seed, resume=resume)
+        if cfg.train.ray.num_workers > 0:
+            from mfpo_train.ray_train import launch
+
+            summary = launch(cfg.train, dataset, out, cfg.run.seed, resume, cfg.run.ray.address, cfg.run.ray.num_cpus)
+        else:
+            summary = run_training(cfg.train, dataset, out, cfg.run.seed, resume=resume)
         write_model_card(out / "final", cfg, dataset, summary)
     except PipelineError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)

@@ -155,3 +155,31 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_same_weights(run, tmp_path: 
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.ray
+def test_ray_train_runs_the_curriculum_on_two_workers(run, tmp_path: Path):
+    out, _ = run
+    target = tmp_path / "ray"
+    proc = cli(
+        "train",
+        str(out.parent / "cfg.yaml"),
+        "--set",
+        f"train.output_dir={target}",
+        "--set",
+        "train.ray.num_workers=2",
+        "--set",
+        "train.ray.use_gpu=false",
+        "--set",
+        "train.ray.cpus_per_worker=0.5",
+        check=True,
+    )
+    assert "stage 2 (hard): 3 rows" in proc.stdout
+    records = [
+        json.loads((target / f"stage-{k}-{b}" / "stage.json").read_text())
+        for k, b in enumerate(["easy", "medium", "hard"])
+    ]
+    assert [r["bucket"] for r in records] == ["easy", "medium", "hard"]
+    first = load_file(str(target / "stage-0-easy" / "final" / "adapter_model.safetensors"))
+    last = load_file(str(target / "final" / "adapter_model.safetensors"))
+    assert all((first[k] - last[k]).abs().max() > 0 for k in first)  # DDP training moved every tensor
