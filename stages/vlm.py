@@ -21,6 +21,7 @@ class Example:
     input_ids: list[int]
     answer_start: int  # index of the first answer token in input_ids
     extra: dict[str, Any]  # processor outputs besides input_ids / attention_mask (pixel_values, ...)
+    token_keys: tuple[str, ...] = ()  # extras with one value per token (e.g. Qwen2-VL's mm_token_type_ids)
 
 
 def load_vlm(cfg: ModelConfig, device: Any, dtype: Any) -> tuple[Any, Any]:
@@ -46,7 +47,10 @@ def build_prompt(processor: Any, image: np.ndarray, question: str, system: str |
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     prompt_ids = inputs["input_ids"][0].tolist()
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    return Example(prompt_ids, len(prompt_ids), extra)
+    token_keys = tuple(
+        k for k, v in extra.items() if not k.startswith("pixel") and v.ndim == 2 and v.shape == (1, len(prompt_ids))
+    )
+    return Example(prompt_ids, len(prompt_ids), extra, token_keys)
 
 
 def with_answer(processor: Any, prompt: Example, answer: str) -> Example:
@@ -55,7 +59,7 @@ def with_answer(processor: Any, prompt: Example, answer: str) -> Example:
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
-    return Example(prompt.input_ids + answer_ids, len(prompt.input_ids), prompt.extra)
+    return Example(prompt.input_ids + answer_ids, len(prompt.input_ids), prompt.extra, prompt.token_keys)
 
 
 def build_example(processor: Any, image: np.ndarray, question: str, answer: str, system: str | None = None) -> Example:
@@ -75,7 +79,12 @@ def collate(examples: list[Example], pad_id: int, device: Any, dtype: Any) -> di
         mask[i, : len(e.input_ids)] = 1
     batch: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     for key in examples[0].extra:
-        value = torch.cat([e.extra[key] for e in examples], dim=0)
+        if key in examples[0].token_keys:  # per-token values: answer and padding positions are text (0)
+            value = torch.zeros((len(examples), length), dtype=examples[0].extra[key].dtype)
+            for i, e in enumerate(examples):
+                value[i, : e.extra[key].shape[1]] = e.extra[key][0]
+        else:
+            value = torch.cat([e.extra[key] for e in examples], dim=0)
         batch[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
     return batch
 

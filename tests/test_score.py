@@ -13,7 +13,7 @@ from contract import _rgb, check
 from helpers import SAMPLE_JSONL, cli, encode, scored_stages, tree, write_config
 from PIL import Image
 from stage_runner import run_stage
-from tiny_models import save_tiny_llava
+from tiny_models import save_tiny_llava, save_tiny_qwen2_vl
 
 from stages.bucket import assign_buckets
 
@@ -21,6 +21,11 @@ from stages.bucket import assign_buckets
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llava(tmp_path_factory.mktemp("vlm") / "tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("vlm") / "tiny-qwen2-vl")
 
 
 def _rows() -> pa.Table:
@@ -59,9 +64,12 @@ def _online(model, processor, image_bytes: bytes, question: str, answer: str) ->
     return float(lp.gather(-1, target[:, None]).sum()), float(entropy.mean())
 
 
-def test_reference_logps_equal_online_computation(llava: Path):
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_reference_logps_equal_online_computation(arch: str, request: pytest.FixtureRequest):
+    """Same code for LLaVA (fixed-size image tokens) and Qwen2-VL (dynamic patches, per-token extras)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    llava = request.getfixturevalue(arch)
     rows = _rows()
     out = run_stage("score", {"model": {"model": str(llava)}, "resources": {"batch_size": 3}}, rows).table.to_pylist()
     model = AutoModelForImageTextToText.from_pretrained(llava).eval()
@@ -79,7 +87,9 @@ def test_reference_logps_equal_online_computation(llava: Path):
             logp_noised, _ = _online(model, processor, s["rejected_image"]["bytes"], s["question"], s["chosen"])
             assert abs(r["ref_logp_chosen_noised"] - logp_noised) < 1e-4
             assert abs(r["ref_logp_chosen_noised"] - r["ref_logp_chosen"]) > 1e-6  # the image matters
-    nll = run_stage("score", {"model": {"model": str(llava)}, "difficulty": "nll"}, rows).table.to_pylist()
+    nll = run_stage(
+        "score", {"model": {"model": str(llava)}, "difficulty": "nll", "resources": {"batch_size": 3}}, rows
+    ).table.to_pylist()
     assert [r["difficulty"] for r in nll] == pytest.approx([-r["ref_logp_chosen"] for r in out], abs=1e-6)
 
 

@@ -183,3 +183,28 @@ def test_ray_train_runs_the_curriculum_on_two_workers(run, tmp_path: Path):
     first = load_file(str(target / "stage-0-easy" / "final" / "adapter_model.safetensors"))
     last = load_file(str(target / "final" / "adapter_model.safetensors"))
     assert all((first[k] - last[k]).abs().max() > 0 for k in first)  # DDP training moved every tensor
+
+
+def test_the_same_trainer_runs_qwen2_vl(run, tmp_path: Path):
+    """Qwen2-VL (dynamic patches, M-RoPE, per-token extras) trains through the same collator and Trainer, with
+    the default adapters landing on its language model."""
+    from tiny_models import save_tiny_qwen2_vl
+
+    from mfpo_train.config import TrainConfig
+    from mfpo_train.trainer import train
+
+    out, _ = run
+    qwen = save_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
+    cfg = TrainConfig.model_validate(
+        {
+            **TRAIN,
+            "model": {"model": str(qwen)},
+            "lora": {"r": 4, "alpha": 8},
+            "curriculum": {"all_at_once": True, "epochs_per_stage": 1},
+        }
+    )
+    summary = train(cfg, out / "dataset", tmp_path / "train", seed=0)
+    assert summary["stages"][0]["steps"] == 3
+    adapter = load_file(str(tmp_path / "train" / "final" / "adapter_model.safetensors"))
+    assert adapter and all("language_model" in k for k in adapter)
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained from zero
