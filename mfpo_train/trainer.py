@@ -252,20 +252,21 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, resume: boo
             "rows": len(subset),
             "sample_ids": [r["sample_id"] for r in subset],
             "steps": trainer.state.global_step,
+            "world_size": trainer.args.world_size,
             "train_loss": result.training_loss,
             "last_metrics": history[-1] if history else {},
         }
         if lead:
             done.write_text(json.dumps(record, indent=2) + "\n")
         summary["stages"].append(record)
-    if _is_lead():
+    if is_lead():
         final = out / "final"
         _unwrap(model).save_pretrained(final)
         processor.save_pretrained(final)
     return summary
 
 
-def _is_lead() -> bool:
+def is_lead() -> bool:
     """Whether this process writes shared files: always outside distributed training, else rank 0."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0

@@ -101,9 +101,11 @@ def train(
     handler = logging.FileHandler(out / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("mfpo")
+    logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)
     try:
         from mfpo_train.card import write_model_card
+        from mfpo_train.trainer import is_lead
         from mfpo_train.trainer import train as run_training
 
         if cfg.train.ray.num_workers > 0:
@@ -112,7 +114,8 @@ def train(
             summary = launch(cfg.train, dataset, out, cfg.run.seed, resume, cfg.run.ray.address, cfg.run.ray.num_cpus)
         else:
             summary = run_training(cfg.train, dataset, out, cfg.run.seed, resume=resume)
-        write_model_card(out / "final", cfg, dataset, summary)
+        if is_lead():  # rank 0 under DDP (torchrun / accelerate launch)
+            write_model_card(out / "final", cfg, dataset, summary)
     except PipelineError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None
