@@ -246,3 +246,37 @@ def test_ddp_with_torchrun_and_tensorboard(run, tmp_path: Path):
     assert (target / "final" / "adapter_model.safetensors").exists() and (target / "final" / "README.md").exists()
     events = list(target.glob("stage-*/runs/*/events.out.tfevents.*"))
     assert len(events) == 3  # one TensorBoard log per curriculum stage, from rank 0 only
+
+
+def test_full_finetune_with_gradient_checkpointing(run, tmp_path: Path):
+    """finetune: full — every trainable tensor (all but the frozen vision tower) changes."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from mfpo_train.config import TrainConfig
+    from mfpo_train.trainer import train
+
+    out, _ = run
+    base = out.parent / "tiny-llava"
+    cfg = TrainConfig.model_validate(
+        {
+            **TRAIN,
+            "model": {"model": str(base)},
+            "finetune": "full",
+            "gradient_checkpointing": True,
+            "learning_rate": 1e-3,
+            "curriculum": {"all_at_once": True, "epochs_per_stage": 1},
+        }
+    )
+    train(cfg, out / "dataset", tmp_path / "full", seed=0)
+    before = AutoModelForImageTextToText.from_pretrained(base).state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(tmp_path / "full" / "final").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    vision = {k for k in before if "vision_tower" in k}
+    assert vision and not (changed & vision)  # frozen
+    trainable = {k for k in before if k not in vision and "rotary" not in k}
+    assert trainable - changed == set()
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
