@@ -24,7 +24,7 @@ from pipeline.images import decode_rgb
 from pipeline.registry import register
 from pipeline.stage import BatchResult, Stage, StageConfig
 from stages.common import ModelConfig, select_device, select_dtype
-from stages.vlm import answer_scores, build_example, collate, load_vlm
+from stages.vlm import answer_scores, build_prompt, collate, load_vlm, with_answer
 
 
 class ScoreConfig(StageConfig):
@@ -66,29 +66,35 @@ class Score(Stage):
             ]
         )
 
-    def _score(self, images: list[Any], questions: list[str], answers: list[str]) -> dict[str, Any]:
+    def _score(self, examples: list[Any]) -> dict[str, Any]:
         import torch
 
-        examples = [
-            build_example(self.processor, img, q, a, self.config.system_prompt)
-            for img, q, a in zip(images, questions, answers, strict=True)
-        ]
         with torch.inference_mode():
             return answer_scores(self.model, examples, collate(examples, self.pad_id, self.device, self.dtype))
 
     def process_batch(self, table: pa.Table) -> BatchResult:
         rows = table.to_pylist()
-        clean = [decode_rgb(r["image"]) for r in rows]
-        questions = [r["question"] for r in rows]
-        chosen = self._score(clean, questions, [r["chosen"] for r in rows])
-        rejected = self._score(clean, questions, [r["rejected"] for r in rows])
+        system = self.config.system_prompt
+        # One prompt (image + question) per row serves both answers on the clean image.
+        clean = [build_prompt(self.processor, decode_rgb(r["image"]), r["question"], system) for r in rows]
+        chosen = self._score([with_answer(self.processor, p, r["chosen"]) for p, r in zip(clean, rows, strict=True)])
+        rejected = self._score(
+            [with_answer(self.processor, p, r["rejected"]) for p, r in zip(clean, rows, strict=True)]
+        )
         noisy_idx = [i for i, r in enumerate(rows) if r["rejected_image"] is not None]
         noised: dict[int, float] = {}
         if noisy_idx:
             scores = self._score(
-                [decode_rgb(rows[i]["rejected_image"]) for i in noisy_idx],
-                [questions[i] for i in noisy_idx],
-                [rows[i]["chosen"] for i in noisy_idx],
+                [
+                    with_answer(
+                        self.processor,
+                        build_prompt(
+                            self.processor, decode_rgb(rows[i]["rejected_image"]), rows[i]["question"], system
+                        ),
+                        rows[i]["chosen"],
+                    )
+                    for i in noisy_idx
+                ]
             )
             noised = dict(zip(noisy_idx, scores["logp"].tolist(), strict=True))
         if self.config.difficulty == "nll":
