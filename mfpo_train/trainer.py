@@ -21,7 +21,7 @@ from mfpo_train.config import TrainConfig
 from mfpo_train.loss import LossWeights, mfpo_loss
 from pipeline.errors import PipelineError
 from pipeline.images import decode_rgb
-from stages.common import select_device, select_dtype
+from stages.common import select_dtype
 from stages.vlm import answer_logps, answer_spans, build_prompt, collate, load_vlm, with_answer
 
 log = logging.getLogger("mfpo")
@@ -120,10 +120,10 @@ class MFPOTrainer(Trainer):
 
 
 def build_policy(cfg: TrainConfig) -> tuple[Any, Any]:
-    device = select_device(1.0 if torch.cuda.is_available() else 0.0, "train")
-    dtype = select_dtype(device, cfg.model.precision)
     # Trainer places the model and casts activations (bf16 autocast); weights load in fp32 on CPU.
-    model, processor = load_vlm(cfg.model, "cpu", dtype if device.type == "cuda" else torch.float32)
+    cuda = torch.cuda.is_available()
+    dtype = select_dtype(torch.device("cuda"), cfg.model.precision) if cuda else torch.float32
+    model, processor = load_vlm(cfg.model, "cpu", dtype)
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -143,7 +143,7 @@ class RayExecutor:
         if num_tasks == 0:
             return
         ray = self._init()
-        res = get_stage(spec.name)(spec.config, spec.context).resources
+        res = Resources.from_config(spec.config.resources)
         size, res = self.fit(ray, res, num_tasks, spec.name)
         actor_cls = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0)(_ShardActor)
         actors = [actor_cls.remote(spec) for _ in range(size)]
