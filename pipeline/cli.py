@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline run|status CONFIG` (also installed as `mfpo-pipeline`)."""
+"""Command line: `python -m pipeline run|status|train|preview|push CONFIG` (also installed as `mfpo-pipeline`)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.runner import Runner, StageStatus
+from pipeline.runner import Runner, StageStatus, _log_to
 
 app = typer.Typer(
     help="MFPO data pipeline: turn a text-preference dataset into an MFPO dataset, resumably.",
@@ -133,6 +134,129 @@ def train(
             f"train loss {stage['train_loss']:.4f}"
         )
     Console().print(f"model saved to {out / 'final'}")
+
+
+@app.command()
+def preview(
+    config: ConfigArg,
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples to show")] = 24,
+    bucket: Annotated[
+        str | None, typer.Option("--bucket", help="Only this curriculum bucket (easy, medium, hard)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Which samples (default: run.seed)")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Folder (default: <output_dir>/preview)")] = None,
+    size: Annotated[int, typer.Option("--size", min=32, max=1024, help="Panel size in pixels")] = 224,
+    overrides: SetOpt = None,
+) -> None:
+    """Pictures of the finished dataset: sheet.png (original | key objects | m'), index.html and plots."""
+    cfg = _load(config, overrides)
+    folder = Path(out) if out else cfg.output_dir / "preview"
+    try:
+        from mfpo_publish.preview import write_preview
+
+        write = cfg.stages.get("write")
+        result = write_preview(
+            cfg.output_dir,
+            list(cfg.stages),
+            folder,
+            n=n,
+            seed=cfg.run.seed if seed is None else seed,
+            bucket=bucket,
+            size=size,
+            title=(write.pretty_name if write is not None else None) or cfg.run.name,
+        )
+    except PipelineError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    Console().print(
+        f"preview of {result.samples} sample(s) in {folder}: sheet.png, index.html and {len(result.files) - 3} plot(s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    Console().print(f"open {result.index.resolve().as_uri()}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def push(
+    config: ConfigArg,
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="Hub dataset repo ORG/NAME (or push.repo_id)")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (default main)")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing")] = False,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; change nothing")] = False,
+    allow_stale: Annotated[
+        bool, typer.Option("--allow-stale", help="Push even if a stage is not done or the contract check fails")
+    ] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Upload the finished dataset, its card, preview and plots to the Hugging Face Hub."""
+    cfg = _load(config, overrides)
+    from mfpo_publish.config import PushConfig
+    from mfpo_publish.hub import PushRefused
+    from mfpo_publish.hub import push as run_push
+
+    given = {"repo_id": repo_id, "revision": revision, "message": message}
+    update = {k: v for k, v in given.items() if v is not None}
+    update.update({k: True for k, v in (("private", private), ("create_pr", create_pr)) if v})
+    try:
+        settings = PushConfig.model_validate({**cfg.push.model_dump(), **update})
+    except ValidationError as err:
+        e = err.errors()[0]
+        err_console.print(f"[red]config error:[/red] push.{e['loc'][0]}: {e['msg']} (got {e['input']!r})")
+        raise typer.Exit(2) from None
+    runner = Runner(cfg)
+    _console_logging()
+    console = Console()
+    try:
+        with runner.layout.lock("push"), _log_to(runner.layout.log_path):
+            result = run_push(
+                cfg,
+                runner.status(),
+                settings,
+                dry_run=dry_run,
+                allow_stale=allow_stale,
+                echo=lambda line: console.print(line, highlight=False, soft_wrap=True),
+            )
+    except PushRefused as err:
+        err_console.print(f"[red]refused:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except PipelineError as err:
+        _fail(str(err), runner)
+    except Exception as err:
+        _fail(f"{type(err).__name__}: {err}", runner)
+    if result.dry_run:
+        _print_plan(result, console)
+        return
+    if result.pr_url:
+        console.print(f"pull request: {result.pr_url}", highlight=False, soft_wrap=True)
+    console.print(f"dataset: {result.url}", highlight=False, soft_wrap=True)
+    console.print(
+        f"load it: from datasets import load_dataset; ds = {result.load_line}", highlight=False, soft_wrap=True
+    )
+
+
+def _print_plan(result: object, console: Console) -> None:
+    plan = result.plan  # type: ignore[attr-defined]
+    table = Table(title=f"dry run: {result.repo_id}")  # type: ignore[attr-defined]
+    for col in ("file", "size", "action"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for f, why in plan.upload:
+        table.add_row(f.path, f"{f.size:,}", f"upload ({why})")
+    for f in plan.unchanged:
+        table.add_row(f.path, f"{f.size:,}", "unchanged")
+    for path in plan.delete:
+        table.add_row(path, "", "delete")
+    console.print(table)
+    if plan.remote_note:
+        console.print(plan.remote_note, highlight=False)
+    console.print(
+        f"would upload {len(plan.upload)} file(s) ({plan.upload_bytes:,} bytes), delete {len(plan.delete)}, "
+        f"keep {len(plan.unchanged)}; nothing was changed",
+        highlight=False,
+    )
 
 
 def _console_logging() -> None:

@@ -44,6 +44,7 @@ class _RawPipelineConfig(StrictModel):
     run: RunConfig = Field(default_factory=RunConfig)
     stages: dict[str, dict[str, Any] | None]
     train: dict[str, Any] | None = None
+    push: dict[str, Any] | None = None
 
 
 @dataclass
@@ -54,6 +55,7 @@ class PipelineConfig:
     stages: dict[str, StageConfig]  # in execution order
     source_path: Path | None = None
     train: Any = None  # mfpo_train.config.TrainConfig when the config has a `train:` section
+    push: Any = None  # mfpo_publish.config.PushConfig (defaults when the config has no `push:` section)
 
     @property
     def output_dir(self) -> Path:
@@ -63,6 +65,16 @@ class PipelineConfig:
         """What determines the results (for cards and summaries): no paths, no scheduling settings."""
         run = self.run.model_dump(mode="json", exclude={"output_dir", "ray", "executor", "progress"})
         return {"run": run, "stages": {n: c.model_dump(mode="json") for n, c in self.stages.items()}}
+
+    def resolved(self) -> dict[str, Any]:
+        """Every section with its defaults filled in, minus what only says where and how fast this machine ran
+        it (output folders, executor, cluster). Secrets are never in a config: `*_env` keys name variables."""
+        out = self.to_dict()
+        if self.train is not None:
+            out["train"] = self.train.model_dump(mode="json", exclude={"output_dir", "dataset_dir"})
+        if self.push is not None:
+            out["push"] = self.push.model_dump(mode="json")
+        return out
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -133,9 +145,16 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> PipelineConfig:
             train = TrainConfig.model_validate(top.train)
         except ValidationError as err:
             problems.extend(_messages(err, TrainConfig, ("train",)))
+    from mfpo_publish.config import PushConfig  # pydantic only
+
+    push = None
+    try:
+        push = PushConfig.model_validate(top.push or {})
+    except ValidationError as err:
+        problems.extend(_messages(err, PushConfig, ("push",)))
     if problems:
         raise ConfigError(_format(origin, problems))
-    return PipelineConfig(run=top.run, stages=stages, train=train)
+    return PipelineConfig(run=top.run, stages=stages, train=train, push=push)
 
 
 def _check_order(stages: dict[str, StageConfig]) -> list[str]:

@@ -1,15 +1,25 @@
-"""Stages registered by name. Built-in stages live in the `stages` package; third-party packages can
-add theirs through the `mfpo_pipeline.stages` entry-point group."""
+"""Stages and run hooks registered by name.
+
+Built-in stages live in the `stages` package; third-party packages add theirs through the
+`mfpo_pipeline.stages` entry-point group. Run hooks make end-of-run products (the dataset card and its
+pictures) once every stage is done; the built-in ones live in `mfpo_publish.hooks`, others come through
+the `mfpo_pipeline.run_hooks` group. The engine imports neither by name in code: it loads them here.
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.stage import Stage
 
 _REGISTRY: dict[str, type[Stage]] = {}
+# name -> hook(config, output_dir, statuses): called at the end of `run`, under its lock and log.
+_RUN_HOOKS: dict[str, Callable[..., Any]] = {}
+_BUILTIN_MODULES = ("stages", "mfpo_publish.hooks")
 _loaded = False
 
 
@@ -22,14 +32,31 @@ def register(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
+def run_hook(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: call `fn(config, output_dir, statuses)` at the end of every `run`."""
+
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _RUN_HOOKS[name] = fn
+        return fn
+
+    return add
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
         return
-    importlib.import_module("stages")
-    for ep in entry_points(group="mfpo_pipeline.stages"):
-        ep.load()
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    for group in ("mfpo_pipeline.stages", "mfpo_pipeline.run_hooks"):
+        for ep in entry_points(group=group):
+            ep.load()
     _loaded = True
+
+
+def run_hooks() -> dict[str, Callable[..., Any]]:
+    _load()
+    return dict(_RUN_HOOKS)
 
 
 def available_stages() -> dict[str, type[Stage]]:

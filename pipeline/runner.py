@@ -8,7 +8,6 @@ it, nothing before. Stages run one after another; within a stage, pending shards
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from pipeline.determinism import stable_hash
 from pipeline.errors import PipelineError
 from pipeline.executors import Executor, StageSpec, make_executor
 from pipeline.progress import make_progress
-from pipeline.registry import get_stage
+from pipeline.registry import get_stage, run_hooks
 from pipeline.stage import ALL_COLUMNS, SourceStage, Stage, StageContext
 from pipeline.storage import CommitRecord, RunLayout, StageState, write_json, write_parquet
 from pipeline.worker import InputPart, ShardResult, ShardTask, load_input
@@ -123,7 +122,7 @@ class Runner:
         if from_stage and only:
             raise PipelineError("use either --from or --only, not both")
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        with self._lock(), _log_to(self.layout.log_path):
+        with self.layout.lock(), _log_to(self.layout.log_path):
             log.info("run %s -> %s (executor: %s)", self.config.run.name, self.layout.root, self.config.run.executor)
             redo: set[str] = set()
             if from_stage:
@@ -143,6 +142,19 @@ class Runner:
                 if self._executor is not None:
                     self._executor.close()
             self._write_summary()
+            self._run_hooks()
+
+    def _run_hooks(self) -> None:
+        statuses = self.status()
+        for name, hook in run_hooks().items():
+            started = time.perf_counter()
+            try:
+                hook(self.config, self.layout.root, statuses)
+            except PipelineError:
+                raise
+            except Exception as err:
+                raise PipelineError(f"{name} (after the stages): {type(err).__name__}: {err}") from err
+            log.debug("run hook %s: %.1f s", name, time.perf_counter() - started)
 
     def _require_done(self, upstream: str, name: str) -> None:
         st = next(s for s in self.status() if s.name == upstream)
@@ -291,16 +303,6 @@ class Runner:
 
     def _write_summary(self) -> None:
         write_json(self.layout.root / "summary.json", self._summary())
-
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        """One run per output directory at a time (two would commit the same shards)."""
-        with open(self.layout.root / ".lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise PipelineError(f"another run is using {self.layout.root}; wait for it to finish") from None
-            yield
 
 
 @contextlib.contextmanager

@@ -17,11 +17,12 @@ overwrites; resume never reads a shard without a record.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,22 @@ class RunLayout:
 
     def quarantine_path(self, stage: str, shard: int) -> Path:
         return self.quarantine_dir(stage) / f"shard-{shard:05d}.parquet"
+
+    @contextlib.contextmanager
+    def lock(self, what: str = "run") -> Iterator[None]:
+        """One writer per output directory at a time: two runs would commit the same shards, and a push
+        while a run rewrites the dataset would publish a mix. Released when the process ends, however."""
+        from pipeline.errors import PipelineError
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PipelineError(
+                    f"another run or push is using {self.root}; wait for it to finish before this {what}"
+                ) from None
+            yield
 
     def read_state(self, stage: str) -> StageState | None:
         return StageState.read(self.state_path(stage))

@@ -170,3 +170,35 @@ def scored_stages(model: Path, rows: int = 9) -> dict[str, Any]:
         "bucket": {},
         "write": {},
     }
+
+
+def publishable_source(folder: Path, rows: int = 6) -> Path:
+    """The first `rows` rows of the bundled sample (images copied into `folder`), plus a row whose image is
+    corrupt (quarantined at ingest) and a row with nothing to ground (quarantined at perturb)."""
+    import shutil
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for line in SAMPLE_JSONL.read_text(encoding="utf-8").splitlines()[:rows]:
+        row = json.loads(line)
+        shutil.copy(SAMPLE_JSONL.parent / row["image"], folder / row["image"])
+        lines.append(json.dumps(row))
+    good = json.loads(lines[0])
+    (folder / "images" / "broken.jpg").write_bytes((folder / good["image"]).read_bytes()[:600])
+    lines.append(json.dumps({**good, "idx": 900, "image": "images/broken.jpg"}))
+    lines.append(json.dumps({**good, "idx": 901, "annotations": []}))
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def publishable_stages(source: Path) -> dict[str, Any]:
+    """A weight-free data path to a full dataset with boxes, masks and m' (fast enough for every publish test)."""
+    return {
+        "ingest": {"source": str(source), "format": "rlhf-v"},
+        "keywords": {},
+        "ground": {"backend": "annotations", "annotations": {"select": "all"}},
+        "segment": {"backend": "box"},
+        "perturb": {"fallback": "quarantine"},
+        "write": {"pretty_name": "publish test", "license": "cc-by-4.0"},
+    }

@@ -83,15 +83,86 @@ def test_contract(quickstart: Path):
     assert problems == [] and len(rows) == len(_source_rows())
 
 
+def _args(quickstart: Path) -> list[str]:
+    model = quickstart.parent / "tiny-llava"
+    return ["--set", f"run.output_dir={quickstart}", "--set", f"stages.score.model.model={model}"]
+
+
+@pytest.mark.ray
+def test_card_follows_the_hub_spec_and_embeds_its_pictures(quickstart: Path):
+    from datasets import Features
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCard
+
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    root = quickstart / "dataset"
+    card = DatasetCard.load(root / "README.md")
+    data = card.data.to_dict()
+    n = len(_source_rows())
+    assert data["pretty_name"] == "MFPO quickstart sample" and data["license"] == "unknown"
+    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
+    assert {"mfpo", "preference", "dpo", "multimodal", "vision-language"} <= set(data["tags"])
+    assert data["task_categories"] == ["image-text-to-text"] and data["size_categories"] == ["n<1K"]
+    assert data["source_datasets"] == ["original"]
+    # dataset_info is what `datasets` itself reads back from a card: the features are the shards' features.
+    info = DatasetInfosDict.from_dataset_card_data(card.data)["default"]
+    shard = sorted((root / "data").glob("*.parquet"))[0]
+    assert info.features == Features.from_arrow_schema(pq.read_schema(shard))
+    assert info.splits["train"].num_examples == n
+    # Pictures: embedded by relative path, committed next to the card.
+    for picture in (
+        "mfpo/sheet.png",
+        "mfpo/plots/difficulty_by_bucket.png",
+        "mfpo/plots/mask_area.png",
+        "mfpo/plots/boxes_per_image.png",
+        "mfpo/plots/key_phrases.png",
+    ):
+        assert f"]({picture})" in card.text and Image.open(root / picture).format == "PNG"
+    body = card.text
+    assert "| easy | 9 |" in body and "| medium | 10 |" in body and "| hard | 9 |" in body
+    assert "t = 500 of 1000 (sigmoid betas 1e-05..0.005" in body and "`global-noise`" in body
+    assert "@inproceedings{jiang2025mfpo" in body and "DPOTrainer" in body and "python -m pipeline train" in body
+    # mfpo/pipeline.yaml is the configuration that made the dataset: loaded back, same fingerprints.
+    original = Runner(
+        load_config(REPO / "examples" / "quickstart.yaml", [a for a in _args(quickstart) if a != "--set"])
+    )
+    resolved = Runner(load_config(root / "mfpo" / "pipeline.yaml"))
+    assert resolved.fingerprints() == original.fingerprints()
+    summary = json.loads((root / "mfpo" / "summary.json").read_text())
+    assert summary["splits"] == {"train": n} and summary["buckets"] == {"easy": 9, "medium": 10, "hard": 9}
+
+
+@pytest.mark.ray
+def test_preview_of_one_bucket(quickstart: Path, tmp_path: Path):
+    out = tmp_path / "hard"
+    cli(
+        "preview",
+        "examples/quickstart.yaml",
+        *_args(quickstart),
+        "--bucket",
+        "hard",
+        "--n",
+        "4",
+        "--out",
+        str(out),
+        check=True,
+    )
+    ids = [r["sample_id"] for r in json.loads((out / "sheet.json").read_text())["rows"]]
+    buckets = {r["sample_id"]: r["bucket"] for r in pq.read_table(quickstart / "dataset" / "data").to_pylist()}
+    assert len(ids) == 4 and {buckets[i] for i in ids} == {"hard"}
+    bad = cli("preview", "examples/quickstart.yaml", *_args(quickstart), "--bucket", "hardest")
+    assert bad.returncode == 1 and "no such bucket (this dataset has easy, hard, medium)" in bad.stderr
+
+
 @pytest.mark.ray
 def test_card_and_status(quickstart: Path):
     card = (quickstart / "dataset" / "README.md").read_text(encoding="utf-8")
     n = len(_source_rows())
-    assert card.startswith("---\npretty_name: MFPO quickstart sample\nconfigs:")
-    assert f"- rows: {n} in " in card and f"| ingest | {n} | {n} | 0 | - |" in card
-    assert "`images` | list of Image" in card
-    model = quickstart.parent / "tiny-llava"
-    args = ["--set", f"run.output_dir={quickstart}", "--set", f"stages.score.model.model={model}"]
+    assert f"| ingest | {n} | {n} | 0 |" in card
+    assert "| `images` | list of Image |" in card and "| `rejected_image` | Image |" in card
+    args = _args(quickstart)
     status = json.loads(cli("status", "examples/quickstart.yaml", "--json", *args, check=True).stdout)
     names = ["ingest", "keywords", "ground", "segment", "perturb", "score", "bucket", "write"]
     assert [(s["name"], s["state"], s["rows_kept"]) for s in status["stages"]] == [(x, "done", n) for x in names]

@@ -100,13 +100,24 @@ def test_changed_config_redoes_that_stage_and_later_only(tmp_path: Path, source:
     ingest_before = _mtimes(out / "ingest")
     card_before = (out / "dataset" / "README.md").read_text()
 
-    changed = ["--set", "stages.write.pretty_name=Renamed"]
+    # The card's settings change the card, not the shards.
+    renamed = ["--set", "stages.write.pretty_name=Renamed"]
+    status = json.loads(cli("status", str(cfg), "--json", *renamed, check=True).stdout)["stages"]
+    assert [s["state"] for s in status] == ["done", "done"]
+    shards_before = _mtimes(out / "dataset" / "data")
+    cli("run", str(cfg), *renamed, check=True)
+    assert _mtimes(out / "dataset" / "data") == shards_before
+    card = (out / "dataset" / "README.md").read_text()
+    assert "# Renamed" in card and card != card_before
+
+    changed = ["--set", "stages.write.split=all"]
     status = json.loads(cli("status", str(cfg), "--json", *changed, check=True).stdout)["stages"]
     assert [s["state"] for s in status] == ["done", "stale"]
     cli("run", str(cfg), *changed, check=True)
     assert _mtimes(out / "ingest") == ingest_before  # upstream untouched
-    card = (out / "dataset" / "README.md").read_text()
-    assert "# Renamed" in card and card != card_before
+    names = sorted(p.name for p in (out / "dataset" / "data").glob("*.parquet"))
+    assert names and all(n.startswith("all-") for n in names)  # the train-* shards are gone
+    assert "split: all" in (out / "dataset" / "README.md").read_text()
 
     # An upstream change invalidates everything after it.
     limited = ["--set", "stages.ingest.limit=10"]
@@ -152,7 +163,7 @@ def test_second_run_on_same_output_is_refused(tmp_path: Path, source: Path):
     with open(out / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         proc = cli("run", str(cfg))
-    assert proc.returncode == 1 and "another run is using" in proc.stderr
+    assert proc.returncode == 1 and "another run or push is using" in proc.stderr
 
 
 @pytest.mark.ray
