@@ -186,7 +186,7 @@ def _retrying(settings: Any, what: str) -> Any:
     def note(state: Any) -> None:
         err = state.outcome.exception()
         log.warning(
-            "push: %s failed (%s), retry %d of %d", what, _one_line(err), state.attempt_number, settings.retries
+            "push: %s failed (%s); retry %d of %d", what, _one_line(err), state.attempt_number, settings.retries
         )
 
     return Retrying(
@@ -206,10 +206,13 @@ def _call(settings: Any, what: str, fn: Callable[[], Any]) -> Any:
 
 
 def _one_line(err: BaseException) -> str:
+    """`HTTP 503: <the server's message>` for Hub errors, the first line of the message otherwise."""
+    for e in _causes(err):
+        status = _status(e)
+        if status is not None:
+            message = " ".join((getattr(e, "server_message", None) or "").split())
+            return f"HTTP {status}" + (f": {message[:200]}" if message else "")
     text = " ".join(str(err).split())
-    status = _status(err)
-    if status is not None and str(status) not in text:
-        text = f"HTTP {status}: {text}"
     return text[:300] or type(err).__name__
 
 

@@ -102,8 +102,10 @@ def write_config(
     return path
 
 
-def cli(*args: str, cwd: Path = REPO, check: bool = False) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+def cli(
+    *args: str, cwd: Path = REPO, check: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**(os.environ if env is None else env), "RAY_DISABLE_USAGE_STATS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )

@@ -259,6 +259,11 @@ class HubServer:
                 )
             )
 
+    def clear_faults(self) -> None:
+        """Forget every injected fault that has not fired yet."""
+        with self._lock:
+            self._faults.clear()
+
     def create_repo(self, repo_id: str, repo_type: str = "dataset", private: bool = False) -> None:
         """Create a repo directly (test setup), with the Hub's initial .gitattributes commit."""
         with self._lock:
