@@ -1,4 +1,5 @@
-"""The model card saved next to a trained model: base model, dataset, configuration, metrics."""
+"""The model card saved next to a trained model (huggingface_hub's ModelCard): base model, dataset,
+curriculum metrics and the training configuration."""
 
 from __future__ import annotations
 
@@ -8,48 +9,40 @@ from typing import Any
 
 import yaml
 
+_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
+
 
 def write_model_card(folder: Path, cfg: Any, dataset_dir: Path, summary: dict[str, Any]) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
     train = cfg.train
-    front = {
-        "base_model": train.model.model,
-        "library_name": "peft" if train.finetune == "lora" else "transformers",
-        "tags": ["mfpo", "dpo", "multimodal", "hallucination"],
-        "pipeline_tag": "image-text-to-text",
-    }
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        "",
-        f"# {cfg.run.name}: MFPO fine-tune of {train.model.model}",
-        "",
-        "Trained with mfpo-pipeline's MFPO trainer (Modality-Fair Preference Optimization, arXiv 2410.15334): "
-        "text preference, image preference (clean over region-perturbed image) and a reward anchor, over an "
-        "easy-to-hard curriculum.",
-        "",
-        f"- dataset: `{dataset_dir.name}` ({sum(s['rows'] for s in summary['stages'])} rows)",
-        f"- fine-tune: {train.finetune}",
-        "",
-        "## Curriculum",
-        "",
-        "| stage | bucket | rows | steps | train loss | text acc. | image acc. |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    dataset_repo = cfg.push.repo_id if cfg.push is not None else None
+    card_data = ModelCardData(
+        base_model=train.model.model,
+        library_name="peft" if train.finetune == "lora" else "transformers",
+        tags=["mfpo", "dpo", "multimodal", "vision-language", "hallucination"],
+        pipeline_tag="image-text-to-text",
+        datasets=[dataset_repo] if dataset_repo else None,
+    )
+    nan = float("nan")
+    stages = [
+        {
+            **s,
+            "text_acc": s.get("last_metrics", {}).get("accuracy/text", nan),
+            "image_acc": s.get("last_metrics", {}).get("accuracy/image", nan),
+        }
+        for s in summary["stages"]
     ]
-    for s in summary["stages"]:
-        m = s.get("last_metrics", {})
-        lines.append(
-            f"| {s['stage']} | {s['bucket']} | {s['rows']} | {s['steps']} | {s['train_loss']:.4f} | "
-            f"{m.get('accuracy/text', float('nan')):.3f} | {m.get('accuracy/image', float('nan')):.3f} |"
-        )
-    lines += [
-        "",
-        "## Training configuration",
-        "",
-        "```yaml",
-        yaml.safe_dump(json.loads(train.model_dump_json()), sort_keys=False).strip(),
-        "```",
-        "",
-    ]
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(_TEMPLATE),
+        run_name=cfg.run.name,
+        dataset_repo=dataset_repo,
+        dataset_name=dataset_dir.name,
+        rows=sum(s["rows"] for s in summary["stages"]),
+        finetune=train.finetune,
+        stages=stages,
+        config_yaml=yaml.safe_dump(json.loads(train.model_dump_json()), sort_keys=False).strip(),
+    )
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    card.save(folder / "README.md")

@@ -69,8 +69,13 @@ def test_every_trainable_parameter_changes(run):
 
 def test_model_card_and_processor_saved(run):
     _, train = run
-    card = (train / "final" / "README.md").read_text()
-    assert "base_model:" in card and "| 2 | hard | 3 | 1 |" in card
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(train / "final" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "image-text-to-text"
+    assert meta["base_model"] and "mfpo" in meta["tags"]
+    assert "| 2 | hard | 3 | 1 |" in card.text
     assert (train / "final" / "processor_config.json").exists() or (train / "final" / "tokenizer.json").exists()
 
 
