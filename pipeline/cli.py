@@ -207,6 +207,9 @@ def push(
         e = err.errors()[0]
         err_console.print(f"[red]config error:[/red] push.{e['loc'][0]}: {e['msg']} (got {e['input']!r})")
         raise typer.Exit(2) from None
+    if not settings.repo_id:
+        err_console.print("[red]config error:[/red] push needs a repo id: pass --repo-id ORG/NAME or set push.repo_id")
+        raise typer.Exit(2)
     runner = Runner(cfg)
     _console_logging()
     console = Console()

@@ -46,6 +46,9 @@ def _with(path: str, value) -> dict:
         ("stages.ingest.format", "csv", "stages.ingest.format: Input should be 'auto', 'rlhf-v'"),
         ("stages.ingest.resources.workers", "lots", "stages.ingest.resources.workers"),
         ("stages.ingest.image.formats", ["JPEG", "HEIC"], "unknown image format(s) ['HEIC']"),
+        ("push.repo", "org/x", "push.repo: unknown key; did you mean 'repo_id'?"),
+        ("push.repo_id", "no-slash", "push.repo_id: String should match pattern"),
+        ("push.retries", -1, "push.retries: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_value_names_the_key(key, value, expected):
@@ -122,9 +125,24 @@ def test_missing_source_file_is_one_line_error(tmp_path: Path):
 def test_shipped_configs_validate():
     for name in ("pipeline.yaml", "examples/quickstart.yaml"):
         load_config(REPO / name)
+    # pipeline.yaml documents every push key with its default.
+    documented = load_config(REPO / "pipeline.yaml").push.model_dump()
+    from mfpo_publish.config import PushConfig
+
+    assert set(documented) == set(PushConfig.model_fields)
+
+
+def test_push_options_are_validated_before_any_work(tmp_path: Path):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "src.jsonl", tmp_path / "out")
+    proc = cli("push", str(cfg), "--repo-id", "not a repo")
+    assert proc.returncode == 2 and "push.repo_id: String should match pattern" in proc.stderr
+    proc = cli("push", str(cfg))
+    assert proc.returncode == 2 and "push needs a repo id: pass --repo-id ORG/NAME or set push.repo_id" in proc.stderr
+    proc = cli("push", str(cfg), "--repo-id", "org/name")
+    assert proc.returncode == 2 and "refused: stage ingest is pending" in proc.stderr
 
 
 def test_help_everywhere():
-    for args in (["--help"], ["run", "--help"], ["status", "--help"]):
+    for args in (["--help"], ["run", "--help"], ["status", "--help"], ["preview", "--help"], ["push", "--help"]):
         proc = cli(*args)
         assert proc.returncode == 0 and "Usage" in proc.stdout

@@ -253,7 +253,17 @@ def test_refuses_a_stale_or_broken_dataset_unless_allowed(run, hub, tmp_path):
 
 def test_branch_pull_request_private_and_dry_run(run, hub, tmp_path):
     config, _ = run
-    dry = push(hub, config, tmp_path, "--repo-id", "org/branches", "--dry-run")
+    # The installed command, as the README shows it.
+    script = Path(sys.executable).parent / "mfpo-pipeline"
+    env = hub.client_env(tmp_path / "hf-home", token="hf_writer")
+    dry = subprocess.run(
+        [str(script), "push", str(config), "--repo-id", "org/branches", "--dry-run"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert dry.returncode == 0 and "would upload 10 file(s)" in dry.stdout and "nothing was changed" in dry.stdout
     assert not any(m in ("POST", "PUT") for m, _, _ in hub.log)
     proc = push(hub, config, tmp_path, "--repo-id", "org/branches", "--revision", "dev", "--private", "-m", "first")
