@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) examples/make_tiny_vlm.py outputs/models/tiny-llava
 	$(PY) -m pipeline run examples/quickstart.yaml
 	$(PY) -m pipeline status examples/quickstart.yaml
-	$(PY) -m pipeline train examples/quickstart.yaml
+	$(PY) -m pipeline train examples/quickstart.yaml --resume
 	$(PY) -m pipeline preview examples/quickstart.yaml
 
 lint: $(STAMP)

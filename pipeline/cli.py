@@ -72,22 +72,30 @@ def status(
     cfg = _load(config, overrides)
     try:
         statuses = Runner(cfg).status()
+        training = []
+        if cfg.train is not None:
+            from mfpo_train.command import train_status
+
+            training = train_status(cfg)
     except PipelineError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None
     if as_json:
-        payload = {"output_dir": str(cfg.output_dir), "stages": [asdict(s) for s in statuses]}
+        payload = {"output_dir": str(cfg.output_dir), "stages": [asdict(s) for s in statuses], "train": training}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     else:
         _print_status(statuses, Console())
+        if training:
+            _print_training(training, Console())
 
 
 @app.command()
 def train(
     config: ConfigArg,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the last checkpoint and finished stages")
+        bool, typer.Option("--resume", help="Keep the finished stages that still match; continue the started one")
     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over: delete the earlier stages first")] = False,
     overrides: SetOpt = None,
 ) -> None:
     """Train with MFPO on the finished dataset, bucket by bucket (easy -> hard)."""
@@ -95,45 +103,64 @@ def train(
     if cfg.train is None:
         err_console.print("[red]config error:[/red] no `train:` section in the config (see pipeline.yaml)")
         raise typer.Exit(2)
-    _console_logging()
-    out = Path(cfg.train.output_dir or cfg.output_dir / "train")
-    dataset = Path(cfg.train.dataset_dir or cfg.output_dir / "dataset")
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    from mfpo_train.command import lead, paths, run_train
+    from mfpo_train.records import TrainRefused
+
+    _, out = paths(cfg)
     logger = logging.getLogger("mfpo")
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
+    handler = None
+    if lead():  # under torchrun / accelerate launch / Ray Train, rank 0 alone prints and logs
+        _console_logging()
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+    _quiet_libraries(lead())
     try:
-        from mfpo_train.card import write_model_card
-        from mfpo_train.trainer import is_lead
-        from mfpo_train.trainer import train as run_training
-
-        if cfg.train.ray.num_workers > 0:
-            from mfpo_train.ray_train import launch
-
-            summary = launch(cfg.train, dataset, out, cfg.run.seed, resume, cfg.run.ray.address, cfg.run.ray.num_cpus)
-        else:
-            summary = run_training(cfg.train, dataset, out, cfg.run.seed, resume=resume)
-        if is_lead():  # rank 0 under DDP (torchrun / accelerate launch)
-            write_model_card(out / "final", cfg, dataset, summary)
+        summary = run_train(cfg, resume=resume, force=force)
+    except TrainRefused as err:
+        logger.debug("train refused: %s", err)  # the file only: the console gets the line below
+        err_console.print(f"[red]refused:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except PipelineError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        logger.exception("training failed")
+        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except Exception as err:
         logger.exception("training failed")
         err_console.print(
-            f"[red]error:[/red] {type(err).__name__}: {err} (details in {out / 'train.log'})", highlight=False
+            f"[red]error:[/red] {type(err).__name__}: {err} (details in {out / 'train.log'})",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(1) from None
     finally:
-        logger.removeHandler(handler)
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
+    if not lead():
+        return
     for stage in summary["stages"]:
         Console().print(
             f"stage {stage['stage']} ({stage['bucket']}): {stage['rows']} rows, {stage['steps']} steps, "
-            f"train loss {stage['train_loss']:.4f}"
+            f"train loss {stage['train_loss']:.4f}",
+            highlight=False,
         )
-    Console().print(f"model saved to {out / 'final'}")
+    Console().print(f"model saved to {out / 'final'}", highlight=False, soft_wrap=True)
+
+
+def _quiet_libraries(lead: bool) -> None:
+    """Library chatter off: transformers' and datasets' info lines and progress bars (our log has the steps);
+    other ranks keep only errors."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning() if lead else hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if not lead:
+        warnings.simplefilter("ignore")
 
 
 @app.command()
@@ -214,7 +241,7 @@ def push(
     _console_logging()
     console = Console()
     try:
-        with runner.layout.lock("push"), _log_to(runner.layout.log_path):
+        with runner.layout.lock("push", shared=True), _log_to(runner.layout.log_path):
             result = run_push(
                 cfg,
                 runner.status(),
@@ -290,6 +317,22 @@ def _print_status(statuses: list[StageStatus], console: Console) -> None:
         reasons = ", ".join(f"{k} {v}" for k, v in s.reasons.items())
         q = f"{s.rows_quarantined}" + (f" ({reasons})" if reasons else "")
         table.add_row(s.name, s.state, shards, str(s.rows_in), str(s.rows_kept), q, s.fingerprint)
+    console.print(table)
+
+
+def _print_training(rows: list[dict], console: Console) -> None:
+    table = Table(title="training (curriculum stages)")
+    for col in ("stage", "state", "rows", "steps", "fingerprint", "why"):
+        table.add_column(col, justify="right" if col in ("rows", "steps") else "left")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["state"],
+            "-" if r["rows"] is None else str(r["rows"]),
+            "-" if r["steps"] is None else str(r["steps"]),
+            r["fingerprint"],
+            r["why"] or "",
+        )
     console.print(table)
 
 

@@ -139,10 +139,11 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> PipelineConfig:
         problems.extend(_check_order(stages))
     train = None
     if top.train is not None:
-        from mfpo_train.config import TrainConfig  # pydantic only; the trainer itself loads on `train`
+        from mfpo_train.config import TrainConfig, argument_problems  # the trainer itself loads on `train`
 
         try:
             train = TrainConfig.model_validate(top.train)
+            problems.extend(argument_problems(train))
         except ValidationError as err:
             problems.extend(_messages(err, TrainConfig, ("train",)))
     from mfpo_publish.config import PushConfig  # pydantic only

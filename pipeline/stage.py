@@ -23,6 +23,9 @@ from pipeline.errors import RowError
 # declare them as Image features without copying bytes around.
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 ALL_COLUMNS = "*"
+# Schema metadata keys with this prefix are provenance a stage records about its columns (e.g. which
+# reference model computed them): the engine carries them to every later stage that reads those columns.
+PROVENANCE_PREFIX = b"mfpo."
 
 
 class StrictModel(BaseModel):

@@ -157,18 +157,19 @@ class RunLayout:
         return self.quarantine_dir(stage) / f"shard-{shard:05d}.parquet"
 
     @contextlib.contextmanager
-    def lock(self, what: str = "run") -> Iterator[None]:
+    def lock(self, what: str = "run", shared: bool = False) -> Iterator[None]:
         """One writer per output directory at a time: two runs would commit the same shards, and a push
-        while a run rewrites the dataset would publish a mix. Released when the process ends, however."""
+        while a run rewrites the dataset would publish a mix. `shared`: a reader (a training) that only needs
+        no writer. Released when the process ends, however it ends."""
         from pipeline.errors import PipelineError
 
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as fh:
+        with open(self.root / ".lock", "a") as fh:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise PipelineError(
-                    f"another run or push is using {self.root}; wait for it to finish before this {what}"
+                    f"another run, push or train is using {self.root}; wait for it to finish before this {what}"
                 ) from None
             yield
 

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.stage import Rejection, Stage
+from pipeline.stage import PROVENANCE_PREFIX, Rejection, Stage
 from pipeline.storage import QUARANTINE_SCHEMA, write_parquet
 
 
@@ -58,8 +58,11 @@ def load_input(task: ShardTask) -> pa.Table:
     assert task.survivors is not None
     ids = pq.read_table(task.survivors, columns=["sample_id"]).column("sample_id").combine_chunks()
     columns: dict[str, pa.ChunkedArray | pa.Array] = {"sample_id": ids}
+    metadata: dict[bytes, bytes] = {}
     for part in task.parts:
         table = pq.read_table(part.path, columns=["sample_id", *part.columns])
+        # Provenance a stage recorded about its columns (`mfpo.*` schema metadata) travels with them.
+        metadata.update({k: v for k, v in (table.schema.metadata or {}).items() if k.startswith(PROVENANCE_PREFIX)})
         # Every stage keeps its input order and only drops rows, so filtering an earlier stage's shard
         # by the survivors of the previous one lines the rows up.
         table = table.filter(pc.is_in(table["sample_id"], value_set=ids))
@@ -68,7 +71,7 @@ def load_input(task: ShardTask) -> pa.Table:
         for col in part.columns:
             columns[col] = table[col]
     ordered = ["sample_id", *[c for c in task.columns if c != "sample_id"]]
-    return pa.table({c: columns[c] for c in ordered})
+    return pa.table({c: columns[c] for c in ordered}, metadata=metadata or None)
 
 
 def reason_kind(reason: str) -> str:

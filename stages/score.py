@@ -10,11 +10,16 @@ processor: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / 2.5-VL, Idefics3). Per row, on the 
   `ref_logp_chosen_noised` = log pi_ref(y_w | t, m') (sums over answer tokens; null where the row has
   no dispreferred image), so training never holds a second model.
 
+The shards' Parquet schema metadata (`mfpo.reference`) records what these log-probs were computed with:
+the model and its resolved revision or weights hash, dtype, chat-template hash and system prompt; the write
+stage carries it into the dataset and the trainer refuses a policy that would not reproduce them.
+
 The `bucket` stage then ranks the difficulties into the curriculum's easy / medium / hard buckets.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
@@ -24,7 +29,15 @@ from pipeline.images import decode_rgb
 from pipeline.registry import register
 from pipeline.stage import BatchResult, Stage, StageConfig
 from stages.common import ModelConfig, select_device, select_dtype
-from stages.vlm import answer_scores, build_prompt, collate, load_vlm, with_answer
+from stages.vlm import (
+    REFERENCE_KEY,
+    answer_scores,
+    build_prompt,
+    collate,
+    load_vlm,
+    reference_record,
+    with_answer,
+)
 
 
 class ScoreConfig(StageConfig):
@@ -37,6 +50,7 @@ class ScoreConfig(StageConfig):
 @register
 class Score(Stage):
     name: ClassVar[str] = "score"
+    version: ClassVar[int] = 2  # 2: records its reference model in the shards' metadata
     Config = ScoreConfig
     inputs: ClassVar[tuple[str, ...]] = ("image", "question", "chosen", "rejected", "rejected_image")
     outputs: ClassVar[tuple[str, ...]] = (
@@ -54,8 +68,10 @@ class Score(Stage):
         self.model.eval()
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.reference = reference_record(self.config.model, self.processor, self.dtype, self.config.system_prompt)
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        reference = getattr(self, "reference", None)  # known once setup() has loaded the model
         return pa.schema(
             [
                 ("sample_id", pa.string()),
@@ -63,7 +79,8 @@ class Score(Stage):
                 ("ref_logp_chosen", pa.float64()),
                 ("ref_logp_rejected", pa.float64()),
                 ("ref_logp_chosen_noised", pa.float64()),
-            ]
+            ],
+            metadata={REFERENCE_KEY: json.dumps(reference, sort_keys=True)} if reference else None,
         )
 
     def _score(self, examples: list[Any]) -> dict[str, Any]:

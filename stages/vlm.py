@@ -8,12 +8,22 @@ with the answer's; the tokenizer's end-of-turn token closes the answer.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stages.common import ModelConfig
+
+# Parquet schema metadata key under which the score stage records what its reference log-probs were
+# computed with; the write stage carries it into the final dataset, and the trainer checks it.
+REFERENCE_KEY = "mfpo.reference"
+# Fields of that record that must match between the reference and the policy's starting point.
+REFERENCE_FIELDS = ("weights", "dtype", "chat_template_sha256", "system_prompt", "max_length")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -31,6 +41,56 @@ def load_vlm(cfg: ModelConfig, device: Any, dtype: Any) -> tuple[Any, Any]:
     processor = AutoProcessor.from_pretrained(cfg.model, **kwargs)
     model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype, **kwargs).to(device)
     return model, processor
+
+
+def weights_identity(cfg: ModelConfig) -> str:
+    """What identifies the weights: `commit:<sha>` of a Hub checkpoint (the revision resolved through the
+    local cache), or `sha256:<hex>` of a local directory's weight files (names and bytes)."""
+    folder = Path(cfg.model)
+    if folder.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+            h.update(str(f.relative_to(folder)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                    h.update(chunk)
+        return f"sha256:{h.hexdigest()}"
+    from transformers.utils import cached_file
+
+    config = cached_file(cfg.model, "config.json", **cfg.pretrained_kwargs())
+    parts = Path(config).parts
+    commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts else cfg.revision or "unresolved"
+    return f"commit:{commit}"
+
+
+def reference_record(cfg: ModelConfig, processor: Any, dtype: Any, system_prompt: str | None) -> dict[str, Any]:
+    """What a set of answer log-probs was computed with: enough to tell whether another model (the policy at
+    step 0) would compute the same ones."""
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None) or ""
+    if not isinstance(template, str):
+        template = json.dumps(template, sort_keys=True)
+    return {
+        "model": cfg.model,
+        "revision": cfg.revision,
+        "weights": weights_identity(cfg),
+        "dtype": str(dtype).removeprefix("torch."),
+        "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        "system_prompt": system_prompt,
+        "max_length": None,  # prompts and answers are never truncated
+    }
+
+
+def reference_mismatch(reference: dict[str, Any], policy: dict[str, Any]) -> list[str]:
+    """The fields in which two reference records differ, as `field: reference value != policy value`."""
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text[:24] + "...'" if len(text) > 28 else text  # hashes: enough to tell them apart
+
+    return [
+        f"{k} {short(reference.get(k))} (reference) != {short(policy.get(k))} (policy)"
+        for k in REFERENCE_FIELDS
+        if reference.get(k) != policy.get(k)
+    ]
 
 
 def prompt_messages(question: str, system: str | None = None) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.registry import register
-from pipeline.stage import ALL_COLUMNS, IMAGE_TYPE, BatchResult, Stage, StageConfig
+from pipeline.stage import ALL_COLUMNS, IMAGE_TYPE, PROVENANCE_PREFIX, BatchResult, Stage, StageConfig
 
 CONTENT_TYPE = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", CONTENT_TYPE)]))
@@ -43,6 +43,7 @@ class WriteConfig(StageConfig):
 @register
 class Write(Stage):
     name: ClassVar[str] = "write"
+    version: ClassVar[int] = 2  # 2: carries the provenance metadata of earlier stages
     Config = WriteConfig
     inputs: ClassVar[str] = ALL_COLUMNS
     outputs: ClassVar[tuple[str, ...]] = ()
@@ -74,7 +75,10 @@ class Write(Stage):
             if f.type == IMAGE_TYPE:
                 features[f.name] = datasets.Image()
         features["images"] = datasets.List(datasets.Image())
-        return features.arrow_schema
+        out = features.arrow_schema
+        # Provenance recorded by earlier stages (e.g. the score stage's reference model) stays with the data.
+        carried = {k: v for k, v in (input_schema.metadata or {}).items() if k.startswith(PROVENANCE_PREFIX)}
+        return out.with_metadata({**(out.metadata or {}), **carried}) if carried else out
 
     def process_batch(self, table: pa.Table) -> BatchResult:
         schema = self.output_schema(table.schema)

@@ -86,8 +86,8 @@ def test_image_preference_is_learned(run, tmp_path: Path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from mfpo_train.command import train_folder
     from mfpo_train.config import TrainConfig
-    from mfpo_train.trainer import read_rows, train
     from pipeline.images import decode_rgb
     from stages.vlm import answer_logps, answer_spans, build_example, collate
 
@@ -102,13 +102,13 @@ def test_image_preference_is_learned(run, tmp_path: Path):
             "curriculum": {"all_at_once": True, "epochs_per_stage": 12},
         }
     )
-    summary = train(cfg, out / "dataset", tmp_path / "train", seed=0)
+    summary = train_folder(cfg, out / "dataset", tmp_path / "train", seed=0)
     assert summary["stages"][0]["steps"] == 36  # 9 rows / 3 per step x 12 epochs: bounded
 
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), tmp_path / "train" / "final")
     model.eval()
-    rows = read_rows(out / "dataset")
+    rows = [r for f in sorted((out / "dataset" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     wins = 0
     for r in rows:
         examples = [
@@ -197,8 +197,8 @@ def test_the_same_trainer_runs_qwen2_vl(run, tmp_path: Path):
     the default adapters landing on its language model."""
     from tiny_models import save_tiny_qwen2_vl
 
+    from mfpo_train.command import train_folder
     from mfpo_train.config import TrainConfig
-    from mfpo_train.trainer import train
 
     out, _ = run
     qwen = save_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
@@ -206,11 +206,12 @@ def test_the_same_trainer_runs_qwen2_vl(run, tmp_path: Path):
         {
             **TRAIN,
             "model": {"model": str(qwen)},
+            "reference_check": "warn",  # the dataset was scored by the tiny LLaVA: this exercises Qwen2-VL's path
             "lora": {"r": 4, "alpha": 8},
             "curriculum": {"all_at_once": True, "epochs_per_stage": 1},
         }
     )
-    summary = train(cfg, out / "dataset", tmp_path / "train", seed=0)
+    summary = train_folder(cfg, out / "dataset", tmp_path / "train", seed=0)
     assert summary["stages"][0]["steps"] == 3
     adapter = load_file(str(tmp_path / "train" / "final" / "adapter_model.safetensors"))
     assert adapter and all("language_model" in k for k in adapter)
@@ -260,8 +261,8 @@ def test_full_finetune_with_gradient_checkpointing(run, tmp_path: Path):
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from mfpo_train.command import train_folder
     from mfpo_train.config import TrainConfig
-    from mfpo_train.trainer import train
 
     out, _ = run
     base = out.parent / "tiny-llava"
@@ -275,7 +276,7 @@ def test_full_finetune_with_gradient_checkpointing(run, tmp_path: Path):
             "curriculum": {"all_at_once": True, "epochs_per_stage": 1},
         }
     )
-    train(cfg, out / "dataset", tmp_path / "full", seed=0)
+    train_folder(cfg, out / "dataset", tmp_path / "full", seed=0)
     before = AutoModelForImageTextToText.from_pretrained(base).state_dict()
     after = AutoModelForImageTextToText.from_pretrained(tmp_path / "full" / "final").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -1,0 +1,153 @@
+"""`python -m pipeline train` and the training rows of `python -m pipeline status`.
+
+Before anything is loaded or changed: the dataset must be `done` for the current config (when it is this
+run's own), the policy's starting point must match the dataset's reference model, and the output folder
+must fit the command (plain / --resume / --force, see `records.prepare_output`). Rank 0 holds the locks:
+the training folder exclusively, the pipeline's output folder shared (a `run` cannot rewrite the dataset
+while it is being trained on; other trainings and pushes may read it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mfpo_train.records import StagePlan, TrainRefused, plan_stages, prepare_output, status
+from pipeline.storage import RunLayout
+
+log = logging.getLogger("mfpo")
+
+
+def paths(cfg: Any) -> tuple[Path, Path]:
+    """(dataset folder, training output folder)."""
+    train = cfg.train
+    return Path(train.dataset_dir or cfg.output_dir / "dataset"), Path(train.output_dir or cfg.output_dir / "train")
+
+
+def own_dataset(cfg: Any, dataset: Path) -> bool:
+    return dataset.resolve() == (cfg.output_dir / "dataset").resolve() and "write" in cfg.stages
+
+
+def dataset_fingerprint(cfg: Any, refuse: bool = True) -> str | None:
+    """The dataset's fingerprint; for this run's own dataset, only when every stage is done for this config
+    (TrainRefused otherwise, or None with refuse=False)."""
+    from mfpo_train.data import dataset_fingerprint as of_files
+    from pipeline.runner import Runner
+
+    dataset, _ = paths(cfg)
+    if not own_dataset(cfg, dataset):
+        if not (dataset / "data").is_dir():
+            if not refuse:
+                return None
+            raise TrainRefused(f"train.dataset_dir {dataset}: no data/ folder there")
+        return of_files(dataset)
+    runner = Runner(cfg)
+    statuses = runner.status()
+    not_done = [s for s in statuses if s.state != "done"]
+    if not_done:
+        if not refuse:
+            return None
+        s = not_done[0]
+        raise TrainRefused(
+            f"the dataset is not ready for this config: stage {s.name} is {s.state}; run "
+            "`python -m pipeline run CONFIG` first"
+        )
+    fp = runner.fingerprints()["write"]
+    records = runner.layout.committed("write", fp, statuses[-1].num_shards or 0)
+    return of_files(dataset, [fp, *(records[k].data_sha256 for k in sorted(records))])
+
+
+def lead() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def _locks(cfg: Any, dataset: Path, out: Path) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        if lead():
+            stack.enter_context(RunLayout(out).lock("train"))
+            if own_dataset(cfg, dataset) and out.resolve() != cfg.output_dir.resolve():
+                stack.enter_context(RunLayout(cfg.output_dir).lock("train", shared=True))
+        yield
+
+
+def run_train(cfg: Any, resume: bool, force: bool) -> dict[str, Any]:
+    """Everything `train` does; returns the summary (per stage: rows, steps, last metrics)."""
+    if resume and force:
+        raise TrainRefused("use either --resume or --force, not both")
+    dataset, out = paths(cfg)
+    fingerprint = dataset_fingerprint(cfg)
+    assert fingerprint is not None
+    plans = plan_stages(cfg.train, fingerprint)
+    from mfpo_train.trainer import check_reference, world
+
+    if lead():
+        check_reference(cfg.train, dataset)
+    ray_workers = cfg.train.ray.num_workers
+    here = {"world_size": ray_workers, "device": None} if ray_workers else world()
+    with _locks(cfg, dataset, out):
+        if lead():
+            out.mkdir(parents=True, exist_ok=True)
+            known = {k: v for k, v in here.items() if v is not None}
+            for note in prepare_output(out, plans, known, resume, force):
+                log.info("train: %s", note)
+        if ray_workers:
+            from mfpo_train.ray_train import launch
+            from mfpo_train.trainer import read_stage_records
+
+            launch(cfg.train, dataset, out, cfg.run.seed, plans, cfg.run.ray.address, cfg.run.ray.num_cpus)
+            summary = read_stage_records(out)
+        else:
+            from mfpo_train.trainer import train
+
+            summary = train(cfg.train, dataset, out, cfg.run.seed, plans)
+        if lead():
+            from mfpo_train.card import write_model_card
+
+            write_model_card(out / "final", cfg, dataset, summary)
+            if cfg.train.extra_arguments.get("push_to_hub"):
+                from mfpo_train.trainer import push_model
+
+                log.info("train: model pushed: %s", push_model(cfg.train, out / "final"))
+    return summary
+
+
+def train_status(cfg: Any) -> list[dict[str, Any]]:
+    """The curriculum stages' rows for `status` (pending with a reason while the dataset is not done)."""
+    _, out = paths(cfg)
+    fingerprint = dataset_fingerprint(cfg, refuse=False)
+    if fingerprint is None:
+        names = ["all"] if cfg.train.curriculum.all_at_once else cfg.train.curriculum.order
+        return [
+            {
+                "name": f"train/stage-{k}-{b}",
+                "state": "pending",
+                "why": "dataset not done",
+                "rows": None,
+                "steps": None,
+                "fingerprint": "-",
+            }
+            for k, b in enumerate(names)
+        ]
+    plans: list[StagePlan] = plan_stages(cfg.train, fingerprint)
+    return status(out, plans)
+
+
+def train_folder(
+    cfg: Any, dataset: Path, out: Path, seed: int = 0, resume: bool = False, force: bool = False
+) -> dict[str, Any]:
+    """Train on any finished dataset folder without a pipeline config (the Python entry point): the same
+    fingerprints, folder rules and reference check as `python -m pipeline train`, in this process."""
+    from mfpo_train.data import dataset_fingerprint as of_files
+    from mfpo_train.trainer import check_reference, train, world
+
+    plans = plan_stages(cfg, of_files(dataset))
+    check_reference(cfg, dataset)
+    with RunLayout(out).lock("train"):
+        for note in prepare_output(out, plans, world(), resume, force):
+            log.info("train: %s", note)
+        return train(cfg, dataset, out, seed, plans)
