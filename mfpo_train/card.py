@@ -15,10 +15,14 @@ _TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 def write_model_card(folder: Path, cfg: Any, dataset_dir: Path, summary: dict[str, Any]) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
+    from mfpo_train.data import read_reference
+    from mfpo_train.trainer import policy_model_config
+
     train = cfg.train
+    base_model = policy_model_config(train, read_reference(dataset_dir)).model
     dataset_repo = cfg.push.repo_id if cfg.push is not None else None
     card_data = ModelCardData(
-        base_model=train.model.model,
+        base_model=base_model,
         library_name="peft" if train.finetune == "lora" else "transformers",
         tags=["mfpo", "dpo", "multimodal", "vision-language", "hallucination"],
         pipeline_tag="image-text-to-text",
@@ -35,6 +39,7 @@ def write_model_card(folder: Path, cfg: Any, dataset_dir: Path, summary: dict[st
     ]
     card = ModelCard.from_template(
         card_data,
+        base_model=base_model,
         template_path=str(_TEMPLATE),
         run_name=cfg.run.name,
         dataset_repo=dataset_repo,

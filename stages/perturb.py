@@ -11,7 +11,8 @@ Methods:
 - `inpaint`: diffusers Stable Diffusion inpainting over the mask (prompt templates, steps, guidance,
   strength), composited so pixels outside the mask keep their bytes.
 - ablations: `global-noise` (the whole image), `random-region` (noise in a random rectangle of the
-  mask's area), `blur` (Gaussian blur inside the mask), `blackout` (a constant colour inside the mask).
+  mask's area, or with `random_region.size: fraction` of a fixed share of the image, 20% by default: the
+  paper's Table 8 variant), `blur` (Gaussian blur inside the mask), `blackout` (a constant colour inside the mask).
 
 `dilate_px` grows the region, `feather_px` blends its edge. Rows without a region take `fallback`:
 `global-noise` (the paper's choice), `skip` (no dispreferred image: the row keeps its text preference
@@ -69,6 +70,15 @@ class InpaintConfig(StrictModel):
     resolution: int = Field(512, ge=64, multiple_of=8, description="Square size the model runs at.")
 
 
+class RandomRegionConfig(StrictModel):
+    size: Literal["mask", "fraction"] = Field(
+        "mask",
+        description="mask: a rectangle of the key region's area and aspect; fraction: a rectangle of `fraction` "
+        "of the image with its aspect (the paper's Table 8 variant).",
+    )
+    fraction: float = Field(0.2, gt=0, le=1, description="Share of the image noised when size is fraction.")
+
+
 class PerturbConfig(StageConfig):
     method: Method = "diffusion-noise"
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
@@ -80,6 +90,7 @@ class PerturbConfig(StageConfig):
     feather_px: float = Field(0.0, ge=0, description="Gaussian sigma of a soft edge (grows the region).")
     blur_sigma: float = Field(8.0, gt=0, description="blur method: Gaussian sigma in pixels.")
     blackout_color: list[int] = Field(default_factory=lambda: [0, 0, 0], min_length=3, max_length=3)
+    random_region: RandomRegionConfig = Field(default_factory=RandomRegionConfig)
     inpaint: InpaintConfig = Field(default_factory=InpaintConfig)
 
 
@@ -149,7 +160,8 @@ class Perturb(Stage):
             if method == "global-noise":
                 region = np.ones(img.shape[:2], dtype=bool)
             elif method == "random-region":
-                region = random_region(region, rng)
+                fraction = cfg.random_region.fraction if cfg.random_region.size == "fraction" else None
+                region = random_region(region, rng, fraction)
             assert region is not None
             alpha = soften(region, cfg.dilate_px, cfg.feather_px)
             if method == "inpaint":
@@ -293,12 +305,16 @@ def composite(img: np.ndarray, changed: np.ndarray, alpha: np.ndarray) -> np.nda
     return np.where(alpha[..., None] > 0, out, img)
 
 
-def random_region(region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A rectangle with the region's pixel count and its bounding box's aspect ratio, placed at random."""
+def random_region(region: np.ndarray, rng: np.random.Generator, fraction: float | None = None) -> np.ndarray:
+    """A rectangle placed at random: the region's pixel count and its bounding box's aspect ratio, or (with
+    `fraction`) that share of the image with the image's aspect ratio."""
     h, w = region.shape
-    area = int(region.sum())
-    ys, xs = np.nonzero(region)
-    aspect = (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
+    if fraction is not None:
+        area, aspect = fraction * h * w, w / h
+    else:
+        area = int(region.sum())
+        ys, xs = np.nonzero(region)
+        aspect = (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
     rh = int(min(h, max(1, round(np.sqrt(area / aspect)))))
     rw = int(min(w, max(1, round(area / rh))))
     y0 = int(rng.integers(0, h - rh + 1))

@@ -204,3 +204,18 @@ def publishable_stages(source: Path) -> dict[str, Any]:
         "perturb": {"fallback": "quarantine"},
         "write": {"pretty_name": "publish test", "license": "cc-by-4.0"},
     }
+
+
+# Training settings of the tests: tiny LoRA, one step per bucket of the scored sample.
+TRAIN: dict[str, Any] = {
+    "finetune": "lora",
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},  # vision tower too
+    "learning_rate": 1e-3,
+    "warmup_ratio": 0.0,
+    "per_device_train_batch_size": 3,
+    "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": False,
+    "logging_steps": 1,
+    "save_steps": 1000,
+    "curriculum": {"epochs_per_stage": 1},
+}

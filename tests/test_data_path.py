@@ -115,6 +115,19 @@ def test_ablations_change_only_their_region(tmp_path: Path, source: Path, method
             assert r["mask_area"] == 1.0 and r["perturbation"]["fallback"] is None
 
 
+def test_random_region_of_a_fixed_fraction(tmp_path: Path, source: Path):
+    """The paper's Table 8 ablation: noise on a random rectangle covering 20% of the image."""
+    out = run(tmp_path, source, {"method": "random-region", "random_region": {"size": "fraction"}})
+    rows, problems = check(out)
+    assert problems == []
+    areas = [r["mask_area"] for r in rows if r["boxes"]]
+    assert areas and all(abs(a - 0.2) < 0.01 for a in areas), areas
+    for r in rows:
+        if r["boxes"]:
+            ys, xs = np.nonzero(decode_mask(r["mask"]))
+            assert (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1) == len(ys)  # one rectangle
+
+
 def test_fallback_skip_and_quarantine(tmp_path: Path, source: Path):
     out = run(tmp_path, source, {"fallback": "skip"}, name="skip")
     rows, problems = check(out)

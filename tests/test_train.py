@@ -8,37 +8,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from helpers import SAMPLE_JSONL, cli, scored_stages, write_config
+from helpers import TRAIN, cli
 from safetensors.torch import load_file
-from tiny_models import save_tiny_llava
-
-TRAIN = {
-    "finetune": "lora",
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},  # vision tower too
-    "learning_rate": 1e-3,
-    "warmup_ratio": 0.0,
-    "per_device_train_batch_size": 3,
-    "gradient_accumulation_steps": 1,
-    "gradient_checkpointing": False,
-    "logging_steps": 1,
-    "save_steps": 1000,
-    "curriculum": {"epochs_per_stage": 1},
-}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("train")
-    llava = save_tiny_llava(root / "tiny-llava")
-    stages = scored_stages(llava)
-    cfg = write_config(root / "cfg.yaml", SAMPLE_JSONL, root / "out", stages=stages, shard_size=4)
-    raw = yaml.safe_load(cfg.read_text())
-    raw["train"] = {**TRAIN, "model": {"model": str(llava)}}
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    cli("run", str(cfg), check=True)
-    cli("train", str(cfg), check=True)
-    return root / "out", root / "out" / "train"
+def run(trained: tuple[Path, Path]) -> tuple[Path, Path]:
+    return trained
 
 
 def test_curriculum_runs_buckets_in_order_on_their_rows(run):
@@ -162,34 +138,6 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_same_weights(run, tmp_path: 
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-
-
-@pytest.mark.ray
-def test_ray_train_runs_the_curriculum_on_two_workers(run, tmp_path: Path):
-    out, _ = run
-    target = tmp_path / "ray"
-    proc = cli(
-        "train",
-        str(out.parent / "cfg.yaml"),
-        "--set",
-        f"train.output_dir={target}",
-        "--set",
-        "train.ray.num_workers=2",
-        "--set",
-        "train.ray.use_gpu=false",
-        "--set",
-        "train.ray.cpus_per_worker=0.5",
-        check=True,
-    )
-    assert "stage 2 (hard): 3 rows" in proc.stdout
-    records = [
-        json.loads((target / f"stage-{k}-{b}" / "stage.json").read_text())
-        for k, b in enumerate(["easy", "medium", "hard"])
-    ]
-    assert [r["bucket"] for r in records] == ["easy", "medium", "hard"]
-    first = load_file(str(target / "stage-0-easy" / "final" / "adapter_model.safetensors"))
-    last = load_file(str(target / "final" / "adapter_model.safetensors"))
-    assert all((first[k] - last[k]).abs().max() > 0 for k in first)  # DDP training moved every tensor
 
 
 def test_the_same_trainer_runs_qwen2_vl(run, tmp_path: Path):

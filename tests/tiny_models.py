@@ -430,7 +430,7 @@ def save_tiny_causal_lm(path: str | Path) -> Path:
     return path
 
 
-def save_tiny_llava(path: str | Path) -> Path:
+def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     """Save a tiny LLaVA-1.5-style VLM (CLIP vision tower 64 px, Qwen2 language model) with its processor.
 
     Loads with ``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``;
@@ -483,7 +483,7 @@ def save_tiny_llava(path: str | Path) -> Path:
         vision_feature_select_strategy="default",
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)  # another seed: the same architecture, other weights
         model = LlavaForConditionalGeneration(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
