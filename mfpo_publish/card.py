@@ -142,6 +142,7 @@ def render_card(
         else f'ds = load_dataset("parquet", data_files="data/{next(iter(split_files))}-*.parquet", split="train")'
     )
     score = config.stages.get("score")
+    raw_reference = (schema.metadata or {}).get(b"mfpo.reference")
     card = DatasetCard.from_template(
         card_data,
         template_path=str(_TEMPLATE),
@@ -163,6 +164,7 @@ def render_card(
         load_line=load_line,
         model_id=score.model.model if score is not None else "llava-hf/llava-1.5-7b-hf",
         repo_id=repo_id,
+        reference=json.loads(raw_reference) if raw_reference else None,
     )
     return (str(card).rstrip() + "\n").encode("utf-8")
 

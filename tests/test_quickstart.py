@@ -124,6 +124,7 @@ def test_card_follows_the_hub_spec_and_embeds_its_pictures(quickstart: Path):
     assert "| easy | 9 |" in body and "| medium | 10 |" in body and "| hard | 9 |" in body
     assert "t = 500 of 1000 (sigmoid betas 1e-05..0.005" in body and "`global-noise`" in body
     assert "@inproceedings{jiang2025mfpo" in body and "DPOTrainer" in body and "python -m pipeline train" in body
+    assert "The reference log-probs (`ref_logp_*`) were computed with" in body and "weights `sha256:" in body
     # mfpo/pipeline.yaml is the configuration that made the dataset: loaded back, same fingerprints.
     original = Runner(
         load_config(REPO / "examples" / "quickstart.yaml", [a for a in _args(quickstart) if a != "--set"])
