@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SAMPLE_JSONL, TRAIN, cli, scored_stages, write_config
+from helpers import SAMPLE_JSONL, TRAIN, cli, publishable_source, publishable_stages, scored_stages, write_config
 from tiny_models import save_tiny_llava
 
 
@@ -24,3 +24,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cli("run", str(cfg), check=True)
     cli("train", str(cfg), check=True)
     return root / "out", root / "out" / "train"
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A finished weight-free dataset (boxes, masks, m') with one row quarantined at ingest and one at perturb:
+    (config path, pipeline output folder)."""
+    root = tmp_path_factory.mktemp("published")
+    source = publishable_source(root / "src")
+    config = write_config(root / "cfg.yaml", source, root / "out", stages=publishable_stages(source), shard_size=3)
+    cli("run", str(config), check=True)
+    return config, root / "out"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli, dataset_rows, publishable_source, publishable_stages, write_config
+from helpers import cli, dataset_rows
 from PIL import Image
 
 from mfpo_publish.preview import RESAMPLE
@@ -18,12 +18,8 @@ from stages.common import decode_mask
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("preview")
-    source = publishable_source(root / "src")
-    config = write_config(root / "cfg.yaml", source, root / "out", stages=publishable_stages(source), shard_size=3)
-    cli("run", str(config), check=True)
-    return config, root / "out"
+def run(published: tuple[Path, Path]) -> tuple[Path, Path]:
+    return published
 
 
 def _panel(sheet: Image.Image, box: list[int]) -> np.ndarray:

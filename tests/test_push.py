@@ -18,19 +18,15 @@ from pathlib import Path
 import hub_server
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, cli, dataset_rows, publishable_source, publishable_stages, write_config
+from helpers import REPO, cli, dataset_rows
 from hub_server import HubServer
 
 FAST = ["--set", "push.retry_wait=0.01"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("push")
-    source = publishable_source(root / "src")
-    config = write_config(root / "cfg.yaml", source, root / "out", stages=publishable_stages(source), shard_size=3)
-    cli("run", str(config), check=True)
-    return config, root / "out"
+def run(published: tuple[Path, Path]) -> tuple[Path, Path]:
+    return published
 
 
 @pytest.fixture

@@ -166,44 +166,6 @@ def test_the_same_trainer_runs_qwen2_vl(run, tmp_path: Path):
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained from zero
 
 
-def test_ddp_with_torchrun_and_tensorboard(run, tmp_path: Path):
-    """Two data-parallel processes (torchrun, gloo on CPU) and TensorBoard logging, from the same command."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
-    out, _ = run
-    target = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "pipeline",
-            "train",
-            str(out.parent / "cfg.yaml"),
-            "--set",
-            f"train.output_dir={target}",
-            "--set",
-            "train.report_to=[tensorboard]",
-        ],
-        cwd=REPO,
-        env={**os.environ},
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    record = json.loads((target / "stage-0-easy" / "stage.json").read_text())
-    assert record["world_size"] == 2
-    assert (target / "final" / "adapter_model.safetensors").exists() and (target / "final" / "README.md").exists()
-    events = list(target.glob("stage-*/runs/*/events.out.tfevents.*"))
-    assert len(events) == 3  # one TensorBoard log per curriculum stage, from rank 0 only
-
-
 def test_full_finetune_with_gradient_checkpointing(run, tmp_path: Path):
     """finetune: full — every trainable tensor (all but the frozen vision tower) changes."""
     import torch

@@ -274,7 +274,8 @@ def test_training_arguments_pass_through_and_are_checked(trained, tmp_path):
 @pytest.mark.ray
 def test_ray_train_matches_torchrun_and_needs_no_flags(trained, tmp_path):
     """train.ray.num_workers=2 as the README shows it (use_gpu auto, a relative model path) on a CPU machine:
-    the same final weights as two DDP processes under torchrun (same seed, same global batch)."""
+    the same final weights as two DDP processes under torchrun (same seed, same global batch). The torchrun
+    run logs to TensorBoard: one event file per curriculum stage, from rank 0 only."""
     import subprocess
     import sys
 
@@ -296,6 +297,8 @@ def test_ray_train_matches_torchrun_and_needs_no_flags(trained, tmp_path):
             str(cfg),
             "--set",
             f"train.output_dir={tmp_path / 'ddp'}",
+            "--set",
+            "train.report_to=[tensorboard]",
         ],
         cwd=REPO,
         capture_output=True,
@@ -304,6 +307,9 @@ def test_ray_train_matches_torchrun_and_needs_no_flags(trained, tmp_path):
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("model saved to") == 1  # rank 0 alone prints
+    assert "FutureWarning" not in ddp.stderr and "UserWarning" not in ddp.stderr, ddp.stderr[-2000:]
+    assert all(r["world_size"] == 2 for r in _records(tmp_path / "ddp"))
+    assert len(list((tmp_path / "ddp").glob("stage-*/runs/*/events.out.tfevents.*"))) == 3
     proc = cli(
         "train",
         str(cfg),
