@@ -275,3 +275,25 @@ def test_branch_pull_request_private_and_dry_run(run, hub, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "pull request: " in proc.stdout and "/discussions/1" in proc.stdout
     assert "README.md" in hub.files("org/branches", revision="refs/pr/1")
+
+
+def test_train_push_to_hub_uploads_the_final_model(trained, hub, tmp_path):
+    """train.push_to_hub (a TrainingArguments option) pushes the final model folder, card included."""
+    out, _ = trained
+    env = hub.client_env(tmp_path / "hf-home", token="hf_writer")
+    proc = cli(
+        "train",
+        str(out.parent / "cfg.yaml"),
+        "--set",
+        f"train.output_dir={tmp_path / 't'}",
+        "--set",
+        "train.push_to_hub=true",
+        "--set",
+        "train.hub_model_id=org/mfpo-model",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = hub.files("org/mfpo-model", repo_type="model")
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files)
+    assert files["adapter_model.safetensors"] == (tmp_path / "t" / "final" / "adapter_model.safetensors").read_bytes()
+    assert "train: model pushed: " in proc.stderr
