@@ -16,7 +16,7 @@ from rich.table import Table
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.runner import Runner, StageStatus, _log_to
+from pipeline.runner import Runner, StageStatus, log_to
 
 app = typer.Typer(
     help="MFPO data pipeline: turn a text-preference dataset into an MFPO dataset, resumably.",
@@ -241,7 +241,7 @@ def push(
     _console_logging()
     console = Console()
     try:
-        with runner.layout.lock("push", shared=True), _log_to(runner.layout.log_path):
+        with runner.layout.lock("push", shared=True), log_to(runner.layout.log_path):
             result = run_push(
                 cfg,
                 runner.status(),

@@ -122,7 +122,7 @@ class Runner:
         if from_stage and only:
             raise PipelineError("use either --from or --only, not both")
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        with self.layout.lock(), _log_to(self.layout.log_path):
+        with self.layout.lock(), log_to(self.layout.log_path):
             log.info("run %s -> %s (executor: %s)", self.config.run.name, self.layout.root, self.config.run.executor)
             redo: set[str] = set()
             if from_stage:
@@ -306,7 +306,7 @@ class Runner:
 
 
 @contextlib.contextmanager
-def _log_to(path: Path) -> Iterator[None]:
+def log_to(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
