@@ -171,11 +171,11 @@ def render_card(
 
 def _data_bytes(files: list[Path]) -> int:
     """Uncompressed size of the split's data, as `datasets` reports num_bytes."""
-    return sum(
-        pq.ParquetFile(f).metadata.row_group(i).total_byte_size
-        for f in files
-        for i in range(pq.ParquetFile(f).metadata.num_row_groups)
-    )
+    total = 0
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return total
 
 
 def _type_name(feature: Any, depth: int = 0) -> str:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mfpo_publish.contract import shard_files
 from pipeline.determinism import stable_hash
 from pipeline.errors import PipelineError
 
@@ -23,7 +24,7 @@ SUMMARY_COLUMNS = ("sample_id", "bucket", "difficulty", "mask_area", "boxes", "k
 
 
 def shards(dataset_dir: Path) -> list[Path]:
-    files = sorted((Path(dataset_dir) / "data").glob("*.parquet"))
+    files = shard_files(dataset_dir)
     if not files:
         raise PipelineError(f"no dataset shards under {Path(dataset_dir) / 'data'}: run the pipeline first")
     return files

@@ -30,4 +30,8 @@ def dataset_card(config: Any, output_dir: Path, statuses: list[Any]) -> None:
         revision=push.revision if push is not None else None,
     )
     write_dataset_files(output_dir, files)
-    log.info("dataset card: %s (and %d picture(s))", Path(output_dir) / "dataset" / "README.md", len(files) - 3)
+    log.info(
+        "dataset card: %s (and %d picture(s))",
+        Path(output_dir) / "dataset" / "README.md",
+        sum(p.endswith(".png") for p in files),
+    )

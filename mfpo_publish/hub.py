@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mfpo_publish import dataset as ds
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("mfpo")
@@ -276,7 +277,7 @@ def push(
     branch = settings.revision or constants.DEFAULT_REVISION
     files = local_files(config, statuses, repo_id, settings.revision)
     url = f"{api.endpoint}/datasets/{repo_id}" + (f"/tree/{branch}" if settings.revision else "")
-    split = next(iter(_splits(files)), "train")
+    split = next(iter(ds.splits(Path(config.output_dir) / "dataset")))
     load_line = f'load_dataset("{repo_id}", split="{split}"' + (
         f', revision="{settings.revision}")' if settings.revision else ")"
     )
@@ -355,17 +356,6 @@ def push(
             revision, create_pr = info.pr_revision, False  # later parts go to the same pull request
         echo(f"commit {i + 1}/{len(groups)}: {len(group)} file(s) -> {info.commit_url}")
     return result
-
-
-def _splits(files: list[LocalFile]) -> list[str]:
-    from mfpo_publish.dataset import SHARD_NAME
-
-    names = []
-    for f in files:
-        m = SHARD_NAME.match(f.path.removeprefix("data/"))
-        if f.path.startswith("data/") and m and m.group("split") not in names:
-            names.append(m.group("split"))
-    return names
 
 
 def _failure(err: BaseException, repo_id: str, done: str) -> PipelineError:

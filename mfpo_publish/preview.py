@@ -53,6 +53,7 @@ class PreviewFiles:
     folder: Path
     files: list[Path] = field(default_factory=list)
     samples: int = 0
+    plots: int = 0
 
     @property
     def index(self) -> Path:
@@ -264,16 +265,13 @@ def write_preview(
     summary = ds.read_columns(dataset_dir, ds.SUMMARY_COLUMNS)
     for name, data in make_plots(summary).items():
         _write(result, out / name, data)
+        result.plots += 1
 
     samples = [_page_sample(row, size) for row in rows]
     q_rows, q_total = ds.quarantined(output_dir, stages, limit=max_quarantine)
     images = ds.source_images(output_dir, {q["sample_id"] for q in q_rows if not q.get("payload")})
     quarantine = [_page_quarantine(q, images.get(q["sample_id"])) for q in q_rows]
-    buckets = (
-        sorted({r["bucket"] for r in summary.to_pylist() if r.get("bucket")})
-        if "bucket" in summary.column_names
-        else []
-    )
+    buckets = sorted(set(summary["bucket"].to_pylist()) - {None}) if "bucket" in summary.column_names else []
     env = Environment(loader=PackageLoader("mfpo_publish", "templates"), autoescape=select_autoescape(["html", "j2"]))
     page = env.get_template("index.html.j2").render(
         title=title,

@@ -64,14 +64,20 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def step_of(checkpoint: Path) -> int | None:
+    """N of a Trainer's `checkpoint-N` folder."""
+    number = checkpoint.name.removeprefix("checkpoint-")
+    return int(number) if number.isdigit() else None
+
+
 def committed_checkpoints(stage_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    found = [p for p in stage_dir.glob("checkpoint-*") if (p / COMMITTED).exists() and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
+    found = [p for p in stage_dir.glob("checkpoint-*") if (p / COMMITTED).exists() and step_of(p) is not None]
+    return sorted(found, key=step_of)
 
 
 def commit_checkpoint(folder: Path) -> None:
-    write_json(folder / COMMITTED, {"step": int(folder.name[11:])})
+    write_json(folder / COMMITTED, {"step": step_of(folder)})
 
 
 def stage_state(out: Path, plan: StagePlan, world: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -163,9 +169,7 @@ def status(out: Path, plans: list[StagePlan]) -> list[dict[str, Any]]:
                 "state": state,
                 "why": why,
                 "rows": record.get("rows"),
-                "steps": record.get("steps")
-                if state == "done"
-                else (int(checkpoints[-1].name[11:]) if checkpoints else 0),
+                "steps": record.get("steps") if state == "done" else (step_of(checkpoints[-1]) if checkpoints else 0),
                 "fingerprint": p.fingerprint,
             }
         )

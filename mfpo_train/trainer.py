@@ -271,7 +271,9 @@ def is_lead() -> bool:
     """Whether this process writes shared files: always outside distributed training, else rank 0."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    from mfpo_train.command import lead
+
+    return lead()  # before the process group exists: the launcher's RANK
 
 
 def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, plans: list[records.StagePlan]) -> dict[str, Any]:

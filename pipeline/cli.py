@@ -196,7 +196,7 @@ def preview(
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None
     Console().print(
-        f"preview of {result.samples} sample(s) in {folder}: sheet.png, index.html and {len(result.files) - 3} plot(s)",
+        f"preview of {result.samples} sample(s) in {folder}: sheet.png, index.html and {result.plots} plot(s)",
         highlight=False,
         soft_wrap=True,
     )
