@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -13,10 +14,12 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.runner import Runner, StageStatus, log_to
+from pipeline.runner import HOOK_INPUTS, Runner, StageStatus, log_to
+from pipeline.storage import Store
 
 app = typer.Typer(
     help="MFPO data pipeline: turn a text-preference dataset into an MFPO dataset, resumably.",
@@ -59,7 +62,28 @@ def run(
         _fail(str(err), runner)
     except Exception as err:
         _fail(f"{type(err).__name__}: {err}", runner)
-    _print_status(runner.status(), Console())
+    statuses = runner.status()
+    _print_status(statuses, Console())
+    _require_rows(statuses, runner.layout.location)
+
+
+def _require_rows(statuses: list[StageStatus], location: str) -> None:
+    """A finished run whose last stage kept no row exits 1, naming the top quarantine reasons: an empty
+    dataset must not pass for a finished one."""
+    last = statuses[-1] if statuses else None
+    if last is None or last.state != "done" or last.rows_kept > 0:
+        return  # nothing finished yet (e.g. --only an earlier stage), or rows came out
+    kinds: Counter[str] = Counter()
+    for s in statuses:
+        kinds.update(s.reasons)
+    quarantined = sum(s.rows_quarantined for s in statuses)
+    if quarantined:
+        top = ", ".join(f"{kind} x{n}" for kind, n in kinds.most_common(3)) + (", ..." if len(kinds) > 3 else "")
+        why = f"all {quarantined} quarantined ({top}); see {location.rstrip('/')}/quarantine/"
+    else:
+        why = "the source has no rows"
+    err_console.print(Text("error: ", style="red") + Text(f"run produced no rows: {why}"), soft_wrap=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -81,7 +105,7 @@ def status(
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None
     if as_json:
-        payload = {"output_dir": str(cfg.output_dir), "stages": [asdict(s) for s in statuses], "train": training}
+        payload = {"output_dir": cfg.output_location, "stages": [asdict(s) for s in statuses], "train": training}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     else:
         _print_status(statuses, Console())
@@ -182,16 +206,17 @@ def preview(
         from mfpo_publish.preview import write_preview
 
         write = cfg.stages.get("write")
-        result = write_preview(
-            cfg.output_dir,
-            list(cfg.stages),
-            folder,
-            n=n,
-            seed=cfg.run.seed if seed is None else seed,
-            bucket=bucket,
-            size=size,
-            title=(write.pretty_name if write is not None else None) or cfg.run.name,
-        )
+        with Store(cfg.output_location).local_view(HOOK_INPUTS) as run_folder:
+            result = write_preview(
+                run_folder,
+                list(cfg.stages),
+                folder,
+                n=n,
+                seed=cfg.run.seed if seed is None else seed,
+                bucket=bucket,
+                size=size,
+                title=(write.pretty_name if write is not None else None) or cfg.run.name,
+            )
     except PipelineError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None
@@ -241,7 +266,11 @@ def push(
     _console_logging()
     console = Console()
     try:
-        with runner.layout.lock("push", shared=True), log_to(runner.layout.log_path):
+        with (
+            runner.layout.lock("push", shared=True),
+            log_to(runner.layout.log_path),
+            runner.layout.store.local_view(HOOK_INPUTS),
+        ):
             result = run_push(
                 cfg,
                 runner.status(),
@@ -304,7 +333,7 @@ def _fail(message: str, runner: Runner) -> None:
     first = message.strip().splitlines()[0] if message.strip() else "failed"
     err_console.print(f"[red]error:[/red] {first}", highlight=False, soft_wrap=True)
     if runner.layout.log_path.exists():
-        err_console.print(f"(details in {runner.layout.log_path})", highlight=False)
+        err_console.print(f"(details in {runner.layout.log_path})", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

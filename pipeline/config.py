@@ -1,12 +1,15 @@
 """Pipeline configuration: YAML (safe_load) + `--set key.path=value` overrides, validated by pydantic.
 
 Every error names the full key path; an unknown key gets a did-you-mean; a bad value lists what is
-allowed. All errors are reported at once, before any work starts.
+allowed. All errors are reported at once, before any work starts. YAML anchors that would expand to more
+than `MAX_YAML_NODES` nodes (an alias bomb, "billion laughs") or refer to themselves are refused from the
+parsed node graph, before any Python object is built.
 """
 
 from __future__ import annotations
 
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -21,6 +24,10 @@ from pipeline.errors import ConfigError
 from pipeline.registry import get_stage
 from pipeline.stage import StageConfig, StrictModel
 
+MAX_YAML_NODES = 100_000  # a real config has a few hundred; anchors expanding past this are an alias bomb
+_SHOWN = reprlib.Repr()  # "got ..." in messages: bounded, whatever size the bad value has
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 3, 8, 8, 200, 200
+
 
 class RayConfig(StrictModel):
     address: str | None = Field(
@@ -28,11 +35,16 @@ class RayConfig(StrictModel):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local cluster.")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded local cluster.")
+    max_retries: int = Field(
+        3, ge=0, description="Times a shard is run again when its worker process dies (killed, out of memory)."
+    )
 
 
 class RunConfig(StrictModel):
     name: str = Field("mfpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    output_dir: str | None = Field(None, description="Default: outputs/<run.name>.")
+    output_dir: str | None = Field(
+        None, description="Local folder or URI (s3://bucket/prefix, gs://...). Default: outputs/<run.name>."
+    )
     seed: int = 0
     shard_size: int = Field(256, ge=1, le=100_000, description="Rows per shard (unit of work and commit).")
     executor: Literal["local", "ray"] = "ray"
@@ -58,8 +70,19 @@ class PipelineConfig:
     push: Any = None  # mfpo_publish.config.PushConfig (defaults when the config has no `push:` section)
 
     @property
+    def output_location(self) -> str:
+        """Where the run's files live: a local folder or an object-store URI (s3://bucket/prefix, gs://...)."""
+        return self.run.output_dir or f"outputs/{self.run.name}"
+
+    @property
     def output_dir(self) -> Path:
-        return Path(self.run.output_dir or f"outputs/{self.run.name}")
+        """A local folder for the run's files: the output folder itself, or for an object store its local
+        mirror (see `pipeline.storage.Store.local_view`)."""
+        from pipeline.storage import Store, is_uri
+
+        if is_uri(self.output_location):
+            return Store(self.output_location).mirror()
+        return Path(self.output_location)
 
     def to_dict(self) -> dict[str, Any]:
         """What determines the results (for cards and summaries): no paths, no scheduling settings."""
@@ -82,7 +105,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml(path.read_text(encoding="utf-8"), str(path))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if raw is None:
@@ -94,6 +117,59 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     cfg = parse_config(raw, origin=str(path))
     cfg.source_path = path
     return cfg
+
+
+def safe_yaml(text: str, origin: str) -> Any:
+    """yaml.safe_load, but the node graph is measured first: PyYAML shares aliased nodes, and whatever walks
+    the built objects (validation, error messages) pays for every expansion."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{origin}: the YAML nests too deeply") from None
+        if node is None:
+            return None
+        size = _expanded_size(node, origin)
+        if size > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{origin}: YAML anchors/aliases expand to more than {MAX_YAML_NODES:,} nodes (an alias bomb?); "
+                "refusing to load it"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node, origin: str) -> int:
+    """Nodes in the document once every alias is expanded, in time linear in the *unexpanded* graph (sizes of
+    shared nodes are memoised); an alias inside its own anchor is refused. Iterative: depth cannot overflow."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in children(node)), MAX_YAML_NODES + 1)
+            continue
+        if key in sizes:
+            continue
+        open_nodes.add(key)
+        stack.append((node, True))
+        for child in children(node):
+            if id(child) in open_nodes:
+                raise ConfigError(f"{origin}: a YAML alias refers to its own anchor (a recursive document)")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -111,7 +187,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = safe_yaml(value, f"--set {key.strip()}")
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
 
@@ -203,7 +279,7 @@ def _messages(err: ValidationError, model: type[BaseModel], prefix: tuple[str, .
             hint = f" ({info.description})" if info is not None and info.description else ""
             out.append(f"{key}: required key is missing{hint}")
         else:
-            out.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            out.append(f"{key}: {e['msg']} (got {_SHOWN.repr(e.get('input'))})")
     return out
 
 

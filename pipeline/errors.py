@@ -16,3 +16,10 @@ class RowError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.payload = payload
+
+
+def describe_os_error(err: OSError) -> str:
+    """`/path: Operation not permitted` rather than `PermissionError: [Errno 1]` with no path."""
+    what = err.strerror or str(err) or type(err).__name__
+    path = err.filename if err.filename is not None else None
+    return f"{path}: {what}" if path else f"{type(err).__name__}: {what}"

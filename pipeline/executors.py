@@ -8,9 +8,11 @@ names, row order and resume stay exact without re-deriving them from Ray Data's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -62,25 +64,45 @@ class LocalExecutor:
         self, spec: StageSpec, tasks: Iterator[ShardTask], num_tasks: int, on_result: OnResult, on_rows: OnRows
     ) -> None:
         stage: Stage | None = None
-        for task in tasks:
-            if stage is None:  # no setup (model loading) when nothing is pending
-                stage = spec.build()
-                stage.setup()
-            on_result(run_shard(stage, task, on_rows))
+        try:
+            for task in tasks:
+                if stage is None:  # no setup (model loading) when nothing is pending
+                    stage = spec.build()
+                    stage.setup()
+                on_result(run_shard(stage, task, on_rows))
+        finally:
+            if stage is not None:
+                stage.teardown()
 
     def close(self) -> None:
         pass
 
 
 class _ShardActor:
-    """Ray actor: one stage instance, set up once, runs shard after shard."""
+    """Ray actor: one stage instance, set up once, runs shard after shard.
+
+    An exception in setup() is kept and raised by run(): Ray then reports it as the task's error, with
+    its real type and message, instead of "the actor died because of an error raised in its creation
+    task" (and does not restart an actor whose setup can only fail again)."""
 
     def __init__(self, spec: StageSpec) -> None:
-        self.stage = spec.build()
-        self.stage.setup()
+        self.error: Exception | None = None
+        self.stage: Stage | None = None
+        try:
+            self.stage = spec.build()
+            self.stage.setup()
+        except Exception as err:
+            self.error = err
 
     def run(self, task: ShardTask) -> ShardResult:
+        if self.error is not None:
+            raise self.error
+        assert self.stage is not None
         return run_shard(self.stage, task)
+
+    def teardown(self) -> None:
+        if self.stage is not None and self.error is None:
+            self.stage.teardown()
 
 
 class RayExecutor:
@@ -109,6 +131,8 @@ class RayExecutor:
             else:
                 kwargs["num_cpus"] = self.config.num_cpus
                 kwargs["num_gpus"] = self.config.num_gpus
+            if not sys.stderr.isatty() or os.environ.get("NO_COLOR"):
+                os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # worker lines forwarded without ANSI colour codes
             log.info("starting Ray (%s)", f"joining {address}" if address else "embedded local cluster")
             # Ray announces that token authentication is on (the secure default) on every start.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -145,7 +169,13 @@ class RayExecutor:
         ray = self._init()
         res = Resources.from_config(spec.config.resources)
         size, res = self.fit(ray, res, num_tasks, spec.name)
-        actor_cls = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0)(_ShardActor)
+        # A worker process that dies mid-shard (OOM killer, preempted node, kill -9) is restarted and its shard
+        # run again, a bounded number of times: a shard's output depends on its input only, and is written
+        # atomically, so the retry gives the same bytes.
+        retries = self.config.max_retries
+        actor_cls = ray.remote(
+            num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=retries, max_task_retries=retries
+        )(_ShardActor)
         actors = [actor_cls.remote(spec) for _ in range(size)]
         log.info("stage %s: %d Ray actor(s), %.2g CPU / %.2g GPU each", spec.name, size, res.cpus, res.gpus)
         idle = list(actors)
@@ -171,19 +201,46 @@ class RayExecutor:
                 on_rows(result.rows_in)
                 on_result(result)
         except ray.exceptions.RayTaskError as err:
-            cause = err.cause if getattr(err, "cause", None) is not None else err
-            raise PipelineError(f"stage {spec.name}: {type(cause).__name__}: {cause}") from err
-        except ray.exceptions.RayError as err:  # an actor died, e.g. its setup() failed
-            raise PipelineError(f"stage {spec.name}: Ray worker failed: {err}".splitlines()[0]) from err
+            raise PipelineError(f"stage {spec.name}: {root_cause(err)}") from err
+        except ray.exceptions.RayActorError as err:
+            raise PipelineError(
+                f"stage {spec.name}: a Ray worker process died {retries + 1} time(s) running one shard "
+                f"({first_line(err)}); see run.log and the Ray logs of its node"
+            ) from err
+        except ray.exceptions.RayError as err:
+            raise PipelineError(f"stage {spec.name}: Ray: {first_line(err)}") from err
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            self._release(ray, actors)
+
+    @staticmethod
+    def _release(ray: Any, actors: list[Any]) -> None:
+        """teardown() on every actor still alive (worker subprocesses, sockets), then free them."""
+        with contextlib.suppress(Exception):
+            ray.wait([a.teardown.remote() for a in actors], num_returns=len(actors), timeout=30)
+        for actor in actors:
+            ray.kill(actor)
 
     def close(self) -> None:
         if self._started_here:
             import ray
 
             ray.shutdown()
+
+
+def root_cause(err: BaseException) -> str:
+    """One line naming the real error inside Ray's wrappers: `PipelineError` messages as they are, anything
+    else as `Type: message`."""
+    cause: BaseException = err
+    while getattr(cause, "cause", None) is not None and cause is not cause.cause:  # type: ignore[attr-defined]
+        cause = cause.cause  # type: ignore[attr-defined]
+    if isinstance(cause, PipelineError):
+        return first_line(cause)
+    return f"{type(cause).__name__}: {first_line(cause)}"
+
+
+def first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def make_executor(kind: str, ray_config: RayConfig) -> Executor:

@@ -2,12 +2,16 @@
 
 `validate_image` is the gate every source image passes at ingest: size bounds before decoding
 (decompression bombs), a full decode (truncated files), EXIF orientation applied, any mode (palette,
-CMYK, 16-bit, alpha) converted to 8-bit RGB. Later stages call `decode_rgb` on stored images, which
-are already clean.
+CMYK, 16-bit, alpha, 1-bit, floating point) converted to 8-bit RGB. An animated image keeps its first
+frame. Floating-point pixels (mode F, e.g. float TIFF) are read as [0, 1] when they all lie there (scaled
+by 255), else as [0, 255]; NaN, infinite or other ranges are refused rather than guessed. Whatever a
+decoder raises on hostile bytes becomes a RowError. Later stages call `decode_rgb` on stored images,
+which are already clean.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -55,8 +59,8 @@ def validate_image(data: bytes, limits: ImageLimits) -> CleanImage:
         raise RowError(
             f"image: not a decodable image (accepted formats: {', '.join(limits.formats)})", payload=data
         ) from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise RowError(f"image: corrupt header ({err})", payload=data) from None
+    except Exception as err:  # OSError mostly; any decoder error on hostile bytes is the row's problem
+        raise RowError(f"image: corrupt header ({_short(err)})", payload=data) from None
     width, height = img.size
     if width * height > limits.max_pixels:
         raise RowError(
@@ -65,16 +69,26 @@ def validate_image(data: bytes, limits: ImageLimits) -> CleanImage:
         )
     fmt = img.format
     try:
+        animated = getattr(img, "n_frames", 1) > 1  # the first frame is the image; stored alone, as PNG
         img.load()
-    except (OSError, ValueError, SyntaxError) as err:
-        raise RowError(f"image: truncated or corrupt data ({err})", payload=data) from None
-    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as err:  # decoders raise OSError, but also EOFError, struct.error, ... on hostile bytes
+        raise RowError(f"image: truncated or corrupt data ({_short(err)})", payload=data) from None
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a corrupt EXIF block: the pixels are fine, the orientation is unknown
+        orientation = 1
     source_mode = img.mode
-    img = ImageOps.exif_transpose(img) or img
-    rgb = to_rgb(img)
+    with contextlib.suppress(Exception):  # as above: a corrupt EXIF block keeps the pixels as stored
+        img = ImageOps.exif_transpose(img) or img
+    try:
+        rgb = to_rgb(img)
+    except RowError:
+        raise
+    except Exception as err:
+        raise RowError(f"image: cannot convert mode {source_mode} to RGB ({_short(err)})", payload=data) from None
     if min(rgb.size) < limits.min_side:
         raise RowError(f"image: too small ({rgb.width}x{rgb.height}; image.min_side={limits.min_side})")
-    if fmt in _KEEP_AS_IS and source_mode == "RGB" and orientation in (None, 1):
+    if fmt in _KEEP_AS_IS and source_mode == "RGB" and orientation in (None, 1) and not animated:
         return CleanImage(data, rgb.width, rgb.height, reencoded=False)
     return CleanImage(encode_png(rgb), rgb.width, rgb.height, reencoded=True)
 
@@ -89,15 +103,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # PIL's own I;16 -> L conversion clips at 255 instead of rescaling: scale 16-bit data down.
         if mode.startswith("I;16") or arr.max(initial=0) > 255:
             arr = np.clip(arr, 0, 65535) >> 8
+        arr = np.clip(arr, 0, 255)  # negative 32-bit values would wrap around in uint8
         return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(_float_to_uint8(np.asarray(img, dtype=np.float64)), mode="L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Floating-point pixels to 8 bits: [0, 1] data (the usual float convention) is scaled by 255, [0, 255]
+    data is kept; anything else has no agreed meaning, so it is refused instead of clipped to black."""
+    if not np.isfinite(arr).all():
+        raise RowError("image: floating-point image has NaN or infinite pixels")
+    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if lo < 0 or hi > 255:
+        raise RowError(f"image: floating-point pixels span [{lo:g}, {hi:g}], outside [0, 1] and [0, 255]")
+    scale = 255.0 if hi <= 1.0 else 1.0
+    return np.rint(arr * scale).astype(np.uint8)
+
+
+def _short(err: BaseException) -> str:
+    """An exception as a short single line for a quarantine reason."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:200]
 
 
 def encode_png(img: Image.Image) -> bytes:

@@ -17,19 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import PipelineConfig
 from pipeline.determinism import stable_hash
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, describe_os_error
 from pipeline.executors import Executor, StageSpec, make_executor
 from pipeline.progress import make_progress
 from pipeline.registry import get_stage, run_hooks
 from pipeline.stage import ALL_COLUMNS, SourceStage, Stage, StageContext
-from pipeline.storage import CommitRecord, RunLayout, StageState, write_json, write_parquet
+from pipeline.storage import CommitRecord, RunLayout, StageState, Store
 from pipeline.worker import InputPart, ShardResult, ShardTask, load_input
 
 log = logging.getLogger("mfpo")
+# What end-of-run hooks (the dataset card) read from the run: synced locally when the run is on an object store.
+HOOK_INPUTS = ("dataset", "quarantine", "ingest")
+# Quarantine reason kind of rows that failed on a transient error (an endpoint's 503): retried on the next run.
+TRANSIENT = "transient"
 
 
 @dataclass
@@ -48,7 +51,7 @@ class StageStatus:
 class Runner:
     def __init__(self, config: PipelineConfig, executor: Executor | None = None) -> None:
         self.config = config
-        self.layout = RunLayout(config.output_dir)
+        self.layout = RunLayout(config.output_location)
         self.names = list(config.stages)
         self._executor = executor
         self._stages: dict[str, Stage] = {}
@@ -121,14 +124,22 @@ class Runner:
                 raise PipelineError(f"{flag} {value}: not a stage of this config ({', '.join(self.names)})")
         if from_stage and only:
             raise PipelineError("use either --from or --only, not both")
-        self.layout.root.mkdir(parents=True, exist_ok=True)
-        with self.layout.lock(), log_to(self.layout.log_path):
-            log.info("run %s -> %s (executor: %s)", self.config.run.name, self.layout.root, self.config.run.executor)
+        try:
+            self.layout.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PipelineError(
+                f"run.output_dir: cannot create {describe_os_error(err)}; choose a folder this user can write"
+            ) from err
+        with self.layout.lock(), log_to(self.layout.log_path, self.layout.store):
+            log.info(
+                "run %s -> %s (executor: %s)", self.config.run.name, self.layout.location, self.config.run.executor
+            )
             redo: set[str] = set()
             if from_stage:
                 redo = set(self.names[self.names.index(from_stage) :])
             elif force:
                 redo = {only} if only else set(self.names)
+            self._check([n for n in self.names if not only or n == only])
             progress = make_progress(self.config.run.progress)
             try:
                 with progress:
@@ -137,24 +148,39 @@ class Runner:
                             continue
                         if i > 0:
                             self._require_done(self.names[i - 1], name)
-                        self._run_stage(i, name, reset=name in redo, progress=progress)
+                        try:
+                            self._run_stage(i, name, reset=name in redo, progress=progress)
+                        except OSError as err:  # the store: a full disk, a read-only folder, a lost bucket
+                            raise PipelineError(f"stage {name}: {describe_os_error(err)}") from err
             finally:
                 if self._executor is not None:
                     self._executor.close()
             self._write_summary()
             self._run_hooks()
 
+    def _check(self, names: list[str]) -> None:
+        """What would fail on every worker (a missing package or model directory) fails here, before Ray starts
+        and before any work is done, in one line."""
+        problems = [p for name in names for p in self.stage(name).check()]
+        if problems:
+            raise PipelineError("; ".join(dict.fromkeys(problems)))
+
     def _run_hooks(self) -> None:
         statuses = self.status()
-        for name, hook in run_hooks().items():
-            started = time.perf_counter()
-            try:
-                hook(self.config, self.layout.root, statuses)
-            except PipelineError:
-                raise
-            except Exception as err:
-                raise PipelineError(f"{name} (after the stages): {type(err).__name__}: {err}") from err
-            log.debug("run hook %s: %.1f s", name, time.perf_counter() - started)
+        hooks = run_hooks()
+        if not hooks:
+            return
+        # Hooks read and write a local folder: on an object store, a synced local view of the run.
+        with self.layout.store.local_view(HOOK_INPUTS) as root:
+            for name, hook in hooks.items():
+                started = time.perf_counter()
+                try:
+                    hook(self.config, root, statuses)
+                except PipelineError:
+                    raise
+                except Exception as err:
+                    raise PipelineError(f"{name} (after the stages): {type(err).__name__}: {err}") from err
+                log.debug("run hook %s: %.1f s", name, time.perf_counter() - started)
 
     def _require_done(self, upstream: str, name: str) -> None:
         st = next(s for s in self.status() if s.name == upstream)
@@ -183,9 +209,14 @@ class Runner:
             assert upstream_state is not None and upstream_state.num_shards is not None
             num_shards = upstream_state.num_shards
         if state is None:
-            write_json(self.layout.state_path(name), asdict(StageState(fp, num_shards)))
+            self.layout.write_state(name, StageState(fp, num_shards))
 
         done = self.layout.committed(name, fp, num_shards)
+        retry = sorted(k for k, rec in done.items() if TRANSIENT in rec.reasons)
+        if retry:
+            log.info("stage %s: %d shard(s) had rows fail on transient errors; running them again", name, len(retry))
+            self._invalidate(index, retry, num_shards)
+            done = {k: rec for k, rec in done.items() if k not in retry}
         pending = [k for k in range(num_shards) if k not in done]
         rows_of = self._rows_per_shard(index, num_shards, plan)
         task_id = progress.add_task(name, total=sum(rows_of), completed=sum(rows_of[k] for k in done))
@@ -219,7 +250,6 @@ class Runner:
         st = next(s for s in self.status() if s.name == name)
         if st.state != "done":
             raise PipelineError(f"stage {name}: only {st.shards_done} of {num_shards} shards committed")
-        stage.finalize(str(self.layout.root), self._summary())
         elapsed = time.perf_counter() - started
         log.info(
             "stage %s: %d rows in, %d kept, %d quarantined%s (%.1f s)",
@@ -231,16 +261,32 @@ class Runner:
             elapsed,
         )
 
+    def _invalidate(self, index: int, shards: list[int], num_shards: int) -> None:
+        """Withdraw the commits of these shards at stage `index` and of what later stages made from them (all
+        shards of a stage that ranks every row, and after it), last stage first: a kill in between leaves
+        the earlier records, which lead here again."""
+        affected: dict[str, list[int]] = {}
+        wanted = list(shards)
+        for name in self.names[index + 1 :]:
+            if self.stage(name).global_inputs:
+                wanted = list(range(num_shards))
+            affected[name] = wanted
+        for name in reversed(list(affected)):
+            for k in affected[name]:
+                self.layout.store.remove(self.layout.commit_path(name, k))
+        for k in shards:
+            self.layout.store.remove(self.layout.commit_path(self.names[index], k))
+
     def _plan(self, stage: SourceStage, fp: str, state: StageState | None) -> pa.Table:
         path = self.layout.plan_path(stage.name)
-        if state is not None and path.exists():
-            return pq.read_table(path)
+        if state is not None and self.layout.store.exists(path):
+            return self.layout.store.read_parquet(path)
         log.info("stage %s: planning input rows", stage.name)
         stage.setup()
         plan = stage.plan()
         if "sample_id" not in plan.column_names:
             raise PipelineError(f"stage {stage.name}: plan() must return a sample_id column")
-        write_parquet(path, plan)
+        self.layout.store.write_parquet(path, plan)
         return plan
 
     def _rows_per_shard(self, index: int, num_shards: int, plan: pa.Table | None) -> list[int]:
@@ -262,7 +308,6 @@ class Runner:
         rows_of: list[int],
         columns: tuple[str, ...] | None = None,
     ) -> Iterator[ShardTask]:
-        root = self.layout.root.resolve()
         producers = self._producers(index)
         wanted = list(columns) if columns else list(producers) if stage.inputs == ALL_COLUMNS else list(stage.inputs)
         for k in pending:
@@ -270,8 +315,9 @@ class Runner:
                 shard=k,
                 num_shards=num_shards,
                 rows_in=rows_of[k],
-                output=str(root / stage.output_path(k, num_shards)),
-                quarantine=str(self.layout.quarantine_path(name, k).resolve()),
+                store=self.layout.store,
+                output=stage.output_path(k, num_shards),
+                quarantine=self.layout.quarantine_path(name, k),
                 columns=tuple(wanted),
             )
             if plan is not None:
@@ -279,12 +325,12 @@ class Runner:
                 task.plan = plan.slice(k * size, size)
             else:
                 previous = self.stage(self.names[index - 1])
-                task.survivors = str(root / previous.output_path(k, num_shards))
+                task.survivors = previous.output_path(k, num_shards)
                 by_stage: dict[str, list[str]] = {}
                 for col in wanted:
                     by_stage.setdefault(producers[col], []).append(col)
                 task.parts = [
-                    InputPart(str(root / self.stage(p).output_path(k, num_shards)), tuple(cols))
+                    InputPart(self.stage(p).output_path(k, num_shards), tuple(cols))
                     for p, cols in by_stage.items()
                 ]
             yield task
@@ -302,11 +348,12 @@ class Runner:
         return {"config": self.config.to_dict(), "stages": [asdict(s) for s in self.status()]}
 
     def _write_summary(self) -> None:
-        write_json(self.layout.root / "summary.json", self._summary())
+        self.layout.store.write_json("summary.json", self._summary())
 
 
 @contextlib.contextmanager
-def log_to(path: Path) -> Iterator[None]:
+def log_to(path: Path, store: Store | None = None) -> Iterator[None]:
+    """Log to a local file; with an object store, the file is uploaded to the store as it ends."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -320,3 +367,6 @@ def log_to(path: Path) -> Iterator[None]:
     finally:
         log.removeHandler(handler)
         handler.close()
+        if store is not None and store.remote:
+            with contextlib.suppress(Exception):  # the log must never hide the run's own error
+                store.write_bytes(path.name, path.read_bytes())

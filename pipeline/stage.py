@@ -2,7 +2,8 @@
 
 A stage declares the columns it reads (`inputs`) and adds (`outputs`), its resources, and a pydantic
 config model. The engine builds one instance per worker, calls `setup()` once (load models there), then
-`process_batch()` on Arrow tables. A stage never sees Ray, shard files or the output directory.
+`process_batch()` on Arrow tables, and `teardown()` at the end. A stage never sees Ray, shard files or the
+output directory.
 """
 
 from __future__ import annotations
@@ -121,6 +122,12 @@ class Stage(ABC):
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models or open sources, once per worker."""
 
+    def check(self) -> list[str]:
+        """Driver side, before any worker starts: problems setup() would hit on every worker (a missing
+        optional package, a local model directory that does not exist), each one line naming the config key
+        and the fix. Nothing slow: no model is loaded here."""
+        return []
+
     def prepare(self, table: pa.Table) -> Any:
         """Driver side, once, for stages with `global_inputs`: `table` holds sample_id and those columns
         for every row. Return something picklable; workers find it in `self.prepared`."""
@@ -146,8 +153,8 @@ class Stage(ABC):
         """Folder holding this stage's data shards (wiped when the stage is redone)."""
         return self.name
 
-    def finalize(self, output_dir: str, run_summary: dict[str, Any]) -> None:  # noqa: B027
-        """Called once all shards are committed (driver side), e.g. to write a dataset card."""
+    def teardown(self) -> None:  # noqa: B027 - optional hook
+        """Release what setup() opened (worker processes, sockets), once per worker when its work is done."""
 
 
 class RowStage(Stage):

@@ -9,22 +9,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.stage import PROVENANCE_PREFIX, Rejection, Stage
-from pipeline.storage import QUARANTINE_SCHEMA, write_parquet
+from pipeline.storage import QUARANTINE_SCHEMA, Store
 
 
 @dataclass(frozen=True)
 class InputPart:
     """Columns to read from one upstream stage's shard."""
 
-    path: str
+    path: str  # relative to the run's store
     columns: tuple[str, ...]
 
 
@@ -33,8 +31,9 @@ class ShardTask:
     shard: int
     num_shards: int
     rows_in: int
-    output: str  # absolute path of the output shard
-    quarantine: str  # absolute path of the quarantine shard
+    store: Store  # the run's output folder or bucket: the worker opens it itself
+    output: str  # path of the output shard, relative to the store
+    quarantine: str  # path of the quarantine shard, relative to the store
     plan: pa.Table | None = None  # source stages: this shard's slice of the plan
     survivors: str | None = None  # previous stage's shard: its sample_ids are the rows to process
     parts: list[InputPart] = field(default_factory=list)
@@ -56,11 +55,11 @@ def load_input(task: ShardTask) -> pa.Table:
     if task.plan is not None:
         return task.plan
     assert task.survivors is not None
-    ids = pq.read_table(task.survivors, columns=["sample_id"]).column("sample_id").combine_chunks()
+    ids = task.store.read_parquet(task.survivors, columns=["sample_id"]).column("sample_id").combine_chunks()
     columns: dict[str, pa.ChunkedArray | pa.Array] = {"sample_id": ids}
     metadata: dict[bytes, bytes] = {}
     for part in task.parts:
-        table = pq.read_table(part.path, columns=["sample_id", *part.columns])
+        table = task.store.read_parquet(part.path, columns=["sample_id", *part.columns])
         # Provenance a stage recorded about its columns (`mfpo.*` schema metadata) travels with them.
         metadata.update({k: v for k, v in (table.schema.metadata or {}).items() if k.startswith(PROVENANCE_PREFIX)})
         # Every stage keeps its input order and only drops rows, so filtering an earlier stage's shard
@@ -102,12 +101,11 @@ def run_shard(stage: Stage, task: ShardTask, on_rows: Callable[[int], None] | No
         if on_rows is not None:
             on_rows(batch.num_rows)
     out = pa.concat_tables(outputs) if outputs else schema.empty_table()
-    quarantine = Path(task.quarantine)
     if rejected:
-        write_parquet(quarantine, _quarantine_table(stage.name, rejected))
+        task.store.write_parquet(task.quarantine, _quarantine_table(stage.name, rejected))
     else:
-        quarantine.unlink(missing_ok=True)  # left by an earlier attempt of a redone stage
-    sha = write_parquet(Path(task.output), out.combine_chunks())
+        task.store.remove(task.quarantine)  # left by an earlier attempt of a redone stage
+    sha = task.store.write_parquet(task.output, out.combine_chunks())
     reasons: dict[str, int] = {}
     for r in rejected:
         kind = reason_kind(r.reason)

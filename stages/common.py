@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -78,6 +80,11 @@ class ModelConfig(StrictModel):
     precision: Precision = Field("auto", description="auto: bf16 on CUDA (fp16 if unsupported), fp32 on CPU.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint (off by default).")
 
+    def missing_local(self, key: str) -> list[str]:
+        """Before any worker starts: a model given as a local directory that does not exist. A Hub id has one
+        slash (org/name); a value starting with . / ~ or with more path parts is a local directory."""
+        return missing_model_dir(self.model, key)
+
     def pretrained_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
         if self.revision is not None:
@@ -109,6 +116,50 @@ def select_dtype(device: Any, precision: Precision) -> Any:
     if precision == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
+
+
+def missing_model_dir(model: str, key: str) -> list[str]:
+    """A local model directory that does not exist, or (with HF_HUB_OFFLINE=1) a Hub id not in the cache."""
+    from pathlib import Path
+
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") >= 2 or Path(model).exists()
+    path = Path(model).expanduser()
+    if not looks_local:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return [f"{key}: {model} is not in the local Hub cache and HF_HUB_OFFLINE=1 forbids downloading it"]
+        return []
+    if path.is_dir():
+        return []
+    hint = " (the offline recipe's models are built by `make demo`)" if "outputs/models" in model else ""
+    return [f"{key}: model directory {path} does not exist{hint}"]
+
+
+@contextlib.contextmanager
+def loading(model: str, key: str) -> Iterator[None]:
+    """Errors while loading a model name the model and its config key, in one line (a worker's setup() error
+    otherwise reaches the user as the last of a chain of HTTP errors)."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise PipelineError(
+            f"{key}: cannot load {model!r}: {type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        ) from err
+
+
+def missing_package(module: str, install: str) -> list[str]:
+    """Before any worker starts: an optional dependency that is not installed, with the exact install line."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return [] if found else [f"this backend needs `{module}`: pip install {install}"]
 
 
 def require(module: str, install: str) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import subprocess
 import tempfile
 from pathlib import Path
@@ -37,6 +38,7 @@ from stages.common import (
     STRINGS_TYPE,
     ModelConfig,
     clip_box,
+    loading,
     meta_field,
     select_device,
     select_dtype,
@@ -82,6 +84,7 @@ class GroundConfig(StageConfig):
 class Ground(Stage):
     name: ClassVar[str] = "ground"
     Config = GroundConfig
+    version: ClassVar[int] = 2  # 2: malformed shipped annotations quarantine the row instead of being dropped
     inputs: ClassVar[tuple[str, ...]] = ("image", "meta", "key_phrases")
     outputs: ClassVar[tuple[str, ...]] = ("boxes", "box_scores", "box_phrases")
     config: GroundConfig
@@ -95,14 +98,38 @@ class Ground(Stage):
             self.device = select_device(self.resources.gpus, self.name)
             self.dtype = select_dtype(self.device, cfg.model.precision)
             kwargs = cfg.model.pretrained_kwargs()
-            self.processor = AutoProcessor.from_pretrained(cfg.model.model, **kwargs)
-            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(
-                cfg.model.model, dtype=self.dtype, **kwargs
-            ).to(self.device)
+            with loading(cfg.model.model, "stages.ground.model.model"):
+                self.processor = AutoProcessor.from_pretrained(cfg.model.model, **kwargs)
+                self.model = AutoModelForZeroShotObjectDetection.from_pretrained(
+                    cfg.model.model, dtype=self.dtype, **kwargs
+                ).to(self.device)
             self.model.eval()
         elif cfg.backend == "groundingdino-py":
             self.device = select_device(self.resources.gpus, self.name)
             self.worker = _PackageWorker(cfg.groundingdino_py, self.device.type)
+
+    def check(self) -> list[str]:
+        cfg = self.config
+        if cfg.backend == "grounding-dino":
+            return cfg.model.missing_local("stages.ground.model.model")
+        if cfg.backend == "groundingdino-py":
+            problems = []
+            if not Path(cfg.groundingdino_py.python).exists():
+                problems.append(
+                    f"stages.ground.groundingdino_py.python: {cfg.groundingdino_py.python} not found; create the "
+                    "environment with `make groundingdino-env`"
+                )
+            checkpoint = cfg.groundingdino_py.checkpoint
+            if checkpoint and not Path(checkpoint).is_file():
+                problems.append(f"stages.ground.groundingdino_py.checkpoint: {checkpoint} not found")
+            return problems
+        return []
+
+    def teardown(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
+            self.worker = None
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         return pa.schema(
@@ -203,30 +230,34 @@ class Ground(Stage):
         return found
 
     def _from_annotations(self, row: dict[str, Any]) -> list[tuple[list[float], float, str]]:
+        """The shipped boxes. Every entry must be a well-formed box on the image: shipped data that breaks
+        that (wrong types, NaN, reversed or empty boxes, boxes off the image) quarantines the row rather than
+        being clipped, sorted or dropped into something the data never said. Boxes partly off the image are
+        clipped to it."""
         cfg = self.config.annotations
         anns = meta_field(row, cfg.field)
         if anns is None:
             return []
         if not isinstance(anns, list):
-            raise RowError(f"annotations: meta field {cfg.field!r} must be a list")
+            raise RowError(f"annotations: meta field {cfg.field!r} must be a list, got {type(anns).__name__}")
         h, w = decode_rgb(row["image"]).shape[:2]
         wanted = {self._canonical(p): p for p in row["key_phrases"] or []}
         found = []
         for ann in anns:
             if not isinstance(ann, dict) or ann.get(cfg.box_key) is None:
                 raise RowError(f"annotations: each entry needs a {cfg.box_key!r}")
-            box = [float(v) for v in ann[cfg.box_key]]
-            if len(box) != 4:
-                raise RowError(f"annotations: box {box} must have 4 numbers")
-            if cfg.box_format == "xywh":
-                box = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
-            label = str(ann.get(cfg.label_key, ""))
+            box = _annotation_box(ann[cfg.box_key], cfg.box_format, h, w)
+            score = ann.get("score", 1.0)
+            if not _is_number(score) or not math.isfinite(_as_float(score)):
+                raise RowError(f"annotations: score {_shown(score)} must be a finite number")
+            label = ann.get(cfg.label_key, "")
+            if not isinstance(label, str | int) or isinstance(label, bool):
+                raise RowError(f"annotations: label must be text, got {type(label).__name__}")
+            label = str(label)
             phrase = wanted.get(self._canonical(label))
             if cfg.select == "key_phrases" and phrase is None:
                 continue
-            clipped = clip_box(box, h, w)
-            if clipped is not None:
-                found.append((clipped, float(ann.get("score", 1.0)), phrase or label))
+            found.append((box, float(score), phrase or label))
         return found
 
     # ------------------------------------------------------------------ helpers
@@ -256,6 +287,40 @@ class Ground(Stage):
             )
             found = [found[i] for i in sorted(keep.tolist())]
         return [([round(v, 2) for v in b], round(s, 6), p) for b, s, p in found[: self.config.max_boxes]]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond float range
+        return math.inf
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, allow_nan=True, default=str)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _annotation_box(value: Any, box_format: str, height: int, width: int) -> list[float]:
+    """A shipped box as [x0, y0, x1, y1] pixels inside the image, or RowError('annotations: ...')."""
+    if not isinstance(value, list) or len(value) != 4 or not all(_is_number(v) for v in value):
+        raise RowError(f"annotations: box {_shown(value)} must be a list of 4 numbers")
+    x0, y0, a, b = (_as_float(v) for v in value)
+    if not all(math.isfinite(v) for v in (x0, y0, a, b)):
+        raise RowError(f"annotations: box {_shown(value)} has a NaN, infinite or out-of-range coordinate")
+    x1, y1 = (x0 + a, y0 + b) if box_format == "xywh" else (a, b)
+    if x1 < x0 or y1 < y0:
+        raise RowError(f"annotations: box {_shown(value)} is reversed (x1 < x0 or y1 < y0; box_format {box_format})")
+    if x1 == x0 or y1 == y0:
+        raise RowError(f"annotations: box {_shown(value)} has zero area")
+    clipped = clip_box([x0, y0, x1, y1], height, width)
+    if clipped is None:
+        raise RowError(f"annotations: box {_shown(value)} lies outside the {width}x{height} image")
+    return clipped
 
 
 class _PackageWorker:
@@ -310,3 +375,16 @@ class _PackageWorker:
         if reply.get("error", "").startswith("worker exited"):
             raise PipelineError(f"groundingdino-py {reply['error']}")
         return reply
+
+    def close(self) -> None:
+        """End the worker: closing its stdin ends its read loop; a worker that does not exit is killed."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.log.close()

@@ -14,12 +14,34 @@ to `image_root`) or bytes. Layouts ("format"):
 content hash) and which rows repeat an id. Each shard then reads its rows, decodes and validates every
 image (pipeline.images), checks every text field, and stores the image once, as a datasets Image struct.
 Everything else the source row carries goes to `meta` (JSON), untouched.
+
+Hostile input is a quarantined row with a `kind: details` reason, never a failed stage. The choices:
+- a UTF-8 byte-order mark at the start of a JSON/JSONL file is dropped (the first row is kept);
+- a line that nests deeper than 64 levels, or that JSON cannot turn into numbers (an integer of more than
+  4300 digits), is a `bad row`;
+- an id must be text or an integer (an integral float such as 3.0 counts as 3);
+- image bytes given as text (JSON has no bytes: `{"bytes": "..."}`) are decoded when they are a
+  `data:image/...;base64,` URI or plain base64 (RFC 4648, no line-break rules), else quarantined; an
+  image field that is a string is a path, unless it is such a data URI;
+- empty image bytes are an empty image, even when a `path` sits beside them: the path is not read in
+  their place (a same-named file on disk may be anything);
+- paths with a NUL byte, too long for the file system, naming a folder or leaving the image folder (also
+  through a symlink) are refused;
+- a NUL character in a text field quarantines the row; other control characters (ESC, form feed, ...,
+  but not tab and newlines) are removed;
+- chosen and rejected answers that are identical after whitespace normalisation are not a preference
+  pair.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
+import errno
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -42,6 +64,8 @@ _CONSUMED = {
     "flat": {"image", "question", "chosen", "rejected"},
     "trl": {"images", "prompt", "chosen", "rejected"},
 }
+_MAX_DEPTH = 64  # JSON nesting no real row needs; deeper rows would exhaust the recursion limit later
+_CONTROL = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # control characters but NUL, \t, \n, \r
 SOURCE_TYPE = pa.struct([("dataset", pa.string()), ("split", pa.string()), ("index", pa.int64())])
 
 
@@ -93,9 +117,14 @@ class _JsonSource:
     def __init__(self, path: Path) -> None:
         self.path = path
         data = path.read_bytes()
+        if data.startswith(codecs.BOM_UTF8):
+            data = data[len(codecs.BOM_UTF8) :]  # written by some editors; not part of the first row
         self.records: list[tuple[int, bytes]] = []
         if path.suffix == ".json" and data.lstrip()[:1] == b"[":
-            items = json.loads(data)
+            try:
+                items = json.loads(data)
+            except (ValueError, RecursionError) as err:  # one array: no row can be told from the next
+                raise PipelineError(f"stages.ingest.source: {path} is not a valid JSON array ({_short(err)})") from None
             self.records = [(i + 1, json.dumps(item).encode()) for i, item in enumerate(items)]
         else:
             for lineno, line in enumerate(data.split(b"\n"), start=1):
@@ -120,10 +149,16 @@ class _JsonSource:
             return None, f"text: line {lineno} is not valid UTF-8 (byte {err.start})"
         try:
             fields = json.loads(text)
+        except RecursionError:
+            return None, f"bad row: line {lineno} nests deeper than {_MAX_DEPTH} levels"
         except json.JSONDecodeError as err:
             return None, f"bad row: line {lineno} is not valid JSON ({err.msg} at column {err.colno})"
+        except ValueError as err:  # valid JSON Python will not convert, e.g. an integer of 5000 digits
+            return None, f"bad row: line {lineno} is not usable JSON ({_short(err)})"
         if not isinstance(fields, dict):
-            return None, f"bad row: line {lineno} is not a JSON object"
+            return None, f"bad row: line {lineno} is not a JSON object (got {type(fields).__name__})"
+        if _depth(fields) > _MAX_DEPTH:
+            return None, f"bad row: line {lineno} nests deeper than {_MAX_DEPTH} levels"
         return fields, None
 
     def raw(self, i: int) -> dict[str, Any]:
@@ -208,6 +243,7 @@ def _detect_format(columns: set[str]) -> str:
 class Ingest(SourceStage):
     name: ClassVar[str] = "ingest"
     Config = IngestConfig
+    version: ClassVar[int] = 2  # 2: hostile inputs (BOM kept row, identical pairs, empty bytes, base64, ...)
     outputs: ClassVar[tuple[str, ...]] = ("image", "question", "chosen", "rejected", "meta", "source")
     config: IngestConfig
 
@@ -299,6 +335,11 @@ class Ingest(SourceStage):
         value = fields.get(id_col)
         if value is None or (isinstance(value, str) and not value.strip()):
             return f"row-{index}", f"missing field: id column {id_col!r}"
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # e.g. an integer id column that a null turned into floats
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            shown = type(value).__name__ if not isinstance(value, float) else repr(value)
+            return f"row-{index}", f"bad field: id column {id_col!r} must be text or an integer, got {shown}"
         text = str(value)
         if len(text) > 128 or not text.isprintable():
             text = "h" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
@@ -338,6 +379,8 @@ class Ingest(SourceStage):
             "chosen": self._text(chosen, "chosen"),
             "rejected": self._text(rejected, "rejected"),
         }
+        if " ".join(texts["chosen"].split()) == " ".join(texts["rejected"].split()):
+            raise RowError("bad pair: chosen and rejected are identical (after whitespace normalisation)")
         meta = {k: describe_value(v) for k, v in fields.items() if k not in _CONSUMED[self.format]}
         try:
             meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
@@ -353,27 +396,50 @@ class Ingest(SourceStage):
 
     def _image_bytes(self, ref: Any) -> bytes:
         if isinstance(ref, dict):
-            if ref.get("bytes"):
-                return bytes(ref["bytes"])
+            if ref.get("bytes") is not None:
+                # Empty bytes are an empty image: the `path` beside them may name any file, never read it instead.
+                data = _inline_bytes(ref["bytes"])
+                if not data:
+                    raise RowError("image: empty bytes (0 bytes); the path beside them is not read instead")
+                return data
             ref = ref.get("path")
-        if isinstance(ref, bytes | bytearray):
+        if isinstance(ref, bytes | bytearray | memoryview):
             return bytes(ref)
         if ref is None or (isinstance(ref, str) and not ref.strip()):
             raise RowError("missing field: image")
         if not isinstance(ref, str):
-            raise RowError(f"bad field: image must be bytes or a path, got {type(ref).__name__}")
+            raise RowError(f"bad field: image must be bytes, a data URI or a path, got {type(ref).__name__}")
+        if ref.lstrip().startswith("data:"):
+            return _inline_bytes(ref)
+        return self._read_path(ref)
+
+    def _read_path(self, ref: str) -> bytes:
         if not self.source.allow_paths or self.base_dir is None:
             raise RowError("image: the row gives only a path and this source may not read local files")
+        if "\x00" in ref:
+            raise RowError(f"image: path {_clip(ref)!r} contains a NUL byte")
         root = self.base_dir.resolve()
-        path = (root / ref).resolve()
-        if not path.is_relative_to(root):
-            raise RowError(f"image: path {ref!r} is outside the image folder")
-        if not path.is_file():
-            raise RowError(f"image: file not found: {ref}")
-        size = path.stat().st_size
-        if size > self.limits.max_bytes:
-            raise RowError(f"image: {size} bytes exceeds image.max_bytes={self.limits.max_bytes}")
-        return path.read_bytes()
+        try:
+            path = (root / ref).resolve()
+            if not path.is_relative_to(root):
+                raise RowError(f"image: path {_clip(ref)!r} is outside the image folder")
+            if not path.exists():
+                raise RowError(f"image: file not found: {_clip(ref)}")
+            if path.is_dir():
+                raise RowError(f"image: path {_clip(ref)!r} is a folder, not a file")
+            if not path.is_file():
+                raise RowError(f"image: path {_clip(ref)!r} is not a regular file")
+            size = path.stat().st_size
+            if size > self.limits.max_bytes:
+                raise RowError(f"image: {size} bytes exceeds image.max_bytes={self.limits.max_bytes}")
+            return path.read_bytes()
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                raise RowError(
+                    f"image: path is too long for the file system ({len(ref)} characters; image data given as "
+                    "text must be a data:image/...;base64, URI)"
+                ) from None
+            raise RowError(f"image: cannot read {_clip(ref)!r} ({err.strerror or _short(err)})") from None
 
     def _text(self, value: Any, field: str) -> str:
         if value is None:
@@ -389,7 +455,9 @@ class Ingest(SourceStage):
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise RowError(f"text: {field} is not valid UTF-8 (lone surrogate)") from None
-        value = value.strip()
+        if "\x00" in value:
+            raise RowError(f"text: {field} contains a NUL character (binary data?)")
+        value = _CONTROL.sub("", value).strip()  # stray control characters are extraction noise
         if not value:
             raise RowError(f"missing field: {field} is empty")
         if len(value) > self.config.max_text_chars:
@@ -406,8 +474,12 @@ def _normalise(fmt: str, fields: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
         if isinstance(text, str):
             try:
                 text = json.loads(text)
+            except RecursionError:
+                raise RowError(f"bad field: text nests deeper than {_MAX_DEPTH} levels") from None
             except json.JSONDecodeError as err:
                 raise RowError(f"bad field: text is not valid JSON ({err.msg})") from None
+            except ValueError as err:  # e.g. an integer of 5000 digits
+                raise RowError(f"bad field: text is not usable JSON ({_short(err)})") from None
         if not isinstance(text, dict):
             raise RowError("bad field: text must be a JSON object with question, chosen, rejected")
         return fields.get("image"), text.get("question"), text.get("chosen"), text.get("rejected")
@@ -456,3 +528,53 @@ def _canonical(fields: dict[str, Any]) -> bytes:
         return v
 
     return json.dumps(norm(fields), sort_keys=True, ensure_ascii=True, default=str).encode()
+
+
+def _inline_bytes(data: Any) -> bytes:
+    """Image bytes carried in the row: binary, or text (JSON has no bytes) that is a data:image/...;base64,
+    URI or plain base64. Text that is neither is refused, not guessed at."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    if not isinstance(data, str):
+        raise RowError(f"bad field: image bytes must be binary or base64 text, got {type(data).__name__}")
+    body = data.strip()
+    what = "valid plain base64"
+    if body.startswith("data:"):
+        header, sep, body = body.partition(",")
+        mime, _, params = header[len("data:") :].partition(";")
+        if not sep or "base64" not in params.lower().split(";"):
+            raise RowError("image: data URI is not base64-encoded (expected data:image/...;base64,...)")
+        if not mime.strip().lower().startswith("image/"):
+            raise RowError(f"image: data URI holds {mime.strip() or 'untyped data'!r}, not an image")
+        what = "a data URI with valid base64"
+    try:
+        return base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise RowError(
+            f"image: image bytes given as text are not {what} (only data:image/...;base64, URIs and plain "
+            "base64 are decoded)"
+        ) from None
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest (iteratively: the point is to refuse rows that recursion cannot take)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > _MAX_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """A user-supplied string short enough for a one-line reason."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__

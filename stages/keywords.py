@@ -31,7 +31,7 @@ from pydantic import Field
 from pipeline.errors import PipelineError, RowError
 from pipeline.registry import register
 from pipeline.stage import RowStage, StageConfig, StrictModel
-from stages.common import FLOATS_TYPE, STRINGS_TYPE, require
+from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_model_dir, missing_package, require
 
 LEXICON_PATH = Path(__file__).parent / "data" / "object_lexicon.json"
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
@@ -64,6 +64,8 @@ class LlmConfig(StrictModel):
     prompt: str = Field("keywords.txt", description="Template in prompts/ (or a path) with {question} {answer}.")
     max_new_tokens: int = Field(64, ge=1)
     timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0, description="Retries of a request on connection errors, timeouts, 429 and 5xx.")
+    retry_wait_s: float = Field(1.0, ge=0, description="First backoff wait; doubled on each retry (at most 30 s).")
     trust_remote_code: bool = False
 
 
@@ -75,6 +77,10 @@ class KeywordsConfig(StageConfig):
     lexicon: LexiconConfig = Field(default_factory=LexiconConfig)
     spacy_model: str = Field("en_core_web_sm", description="spaCy pipeline name (spacy backend).")
     llm: LlmConfig = Field(default_factory=LlmConfig)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        # How patiently the endpoint is called changes which rows wait for a resume, not any row's result.
+        return self.model_dump(mode="json", exclude={"resources": True, "llm": {"retries", "retry_wait_s"}})
 
 
 @dataclass(frozen=True)
@@ -195,12 +201,15 @@ class _LlmClient:
             raise PipelineError(f"stages.keywords.llm.prompt: template not found: {cfg.prompt}")
         self.template = path.read_text(encoding="utf-8")
         if cfg.provider == "openai":
-            from huggingface_hub import InferenceClient
+            # Plain HTTP (requests), not the Hub client: HF_HUB_OFFLINE=1 must not cut off a local endpoint.
+            import requests
 
             key = os.environ.get(cfg.api_key_env)
             if cfg.base_url is None:
                 raise PipelineError("stages.keywords.llm.base_url: set the endpoint, e.g. http://localhost:8000/v1")
-            self.client = InferenceClient(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s)
+            self.session = requests.Session()
+            self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+            self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,10 +221,17 @@ class _LlmClient:
         prompt = self.template.format(question=question, answer=answer)
         messages = [{"role": "user", "content": prompt}]
         if self.cfg.provider == "openai":
-            out = self.client.chat_completion(
-                messages, model=self.cfg.model, max_tokens=self.cfg.max_new_tokens, temperature=0.0
-            )
-            return out.choices[0].message.content or ""
+            payload = {
+                "model": self.cfg.model,
+                "messages": messages,
+                "max_tokens": self.cfg.max_new_tokens,
+                "temperature": 0.0,
+            }
+            reply = self._post(payload)
+            try:
+                return reply["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise RowError(f"keywords: endpoint reply is not a chat completion: {str(reply)[:80]!r}") from None
         import torch
 
         ids = self.tokenizer.apply_chat_template(
@@ -226,6 +242,45 @@ class _LlmClient:
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+    def _post(self, payload: dict[str, Any]) -> Any:
+        """One chat completion, retried with exponential backoff on connection errors, timeouts, 429 and 5xx.
+        Still failing: the row is quarantined as `transient: ...`, and the next resume tries it again. Any
+        other HTTP error (a bad key, an unknown model) is the config's fault: the stage stops, naming it."""
+        import requests
+        import tenacity
+
+        def transient(err: BaseException) -> bool:
+            return isinstance(err, _Transient | requests.ConnectionError | requests.Timeout)
+
+        try:
+            for attempt in tenacity.Retrying(
+                stop=tenacity.stop_after_attempt(self.cfg.retries + 1),
+                wait=tenacity.wait_exponential(multiplier=self.cfg.retry_wait_s, max=30),
+                retry=tenacity.retry_if_exception(transient),
+                reraise=True,
+            ):
+                with attempt:
+                    resp = self.session.post(self.url, json=payload, headers=self.headers, timeout=self.cfg.timeout_s)
+                    if resp.status_code == 429 or resp.status_code >= 500:
+                        raise _Transient(f"HTTP {resp.status_code}")
+                    if resp.status_code >= 400:
+                        raise PipelineError(
+                            f"stages.keywords.llm: {self.url} answered HTTP {resp.status_code}: {resp.text[:120]!r}"
+                        )
+                    return resp.json()
+        except (_Transient, requests.ConnectionError, requests.Timeout) as err:
+            kind = type(err).__name__ if not isinstance(err, _Transient) else str(err)
+            raise RowError(
+                f"transient: keywords endpoint {self.url}: {kind} after {self.cfg.retries + 1} attempt(s)"
+            ) from None
+        except ValueError:
+            raise RowError("keywords: endpoint reply is not JSON") from None
+
+
+class _Transient(Exception):
+    """A reply worth retrying: 429 or 5xx."""
+
+
 # ------------------------------------------------------------------------------------------ the stage
 @register
 class Keywords(RowStage):
@@ -234,6 +289,14 @@ class Keywords(RowStage):
     inputs: ClassVar[tuple[str, ...]] = ("question", "chosen")
     outputs: ClassVar[tuple[str, ...]] = ("key_phrases", "key_phrase_scores")
     config: KeywordsConfig
+
+    def check(self) -> list[str]:
+        cfg = self.config
+        if cfg.backend == "spacy":
+            return missing_package("spacy", "'mfpo-pipeline[spacy]'")
+        if cfg.backend == "llm" and cfg.llm.provider == "huggingface":
+            return missing_model_dir(cfg.llm.model, "stages.keywords.llm.model")
+        return []
 
     def setup(self) -> None:
         cfg = self.config

@@ -35,7 +35,15 @@ from pipeline.errors import RowError
 from pipeline.images import decode_rgb, encode_png
 from pipeline.registry import register
 from pipeline.stage import IMAGE_TYPE, BatchResult, Rejection, Stage, StageConfig, StrictModel
-from stages.common import MASK_TYPE, ModelConfig, decode_mask, encode_mask, select_device, select_dtype
+from stages.common import (
+    MASK_TYPE,
+    ModelConfig,
+    decode_mask,
+    encode_mask,
+    loading,
+    select_device,
+    select_dtype,
+)
 
 PERTURBATION_TYPE = pa.struct(
     [("method", pa.string()), ("timestep", pa.int32()), ("fallback", pa.string()), ("seed", pa.int64())]
@@ -102,6 +110,11 @@ class Perturb(Stage):
     outputs: ClassVar[tuple[str, ...]] = ("rejected_image", "mask", "mask_area", "perturbation")
     config: PerturbConfig
 
+    def check(self) -> list[str]:
+        if self.config.method == "inpaint":
+            return self.config.inpaint.model.missing_local("stages.perturb.inpaint.model.model")
+        return []
+
     def setup(self) -> None:
         if self.config.method == "inpaint":
             from diffusers import AutoPipelineForInpainting
@@ -109,14 +122,15 @@ class Perturb(Stage):
             cfg = self.config.inpaint.model
             self.device = select_device(self.resources.gpus, self.name)
             dtype = select_dtype(self.device, cfg.precision)
-            self.pipe = AutoPipelineForInpainting.from_pretrained(
-                cfg.model,
-                torch_dtype=dtype,
-                safety_checker=None,
-                requires_safety_checker=False,
-                use_safetensors=True,
-                **cfg.pretrained_kwargs(),
-            ).to(self.device)
+            with loading(cfg.model, "stages.perturb.inpaint.model.model"):
+                self.pipe = AutoPipelineForInpainting.from_pretrained(
+                    cfg.model,
+                    torch_dtype=dtype,
+                    safety_checker=None,
+                    requires_safety_checker=False,
+                    use_safetensors=True,
+                    **cfg.pretrained_kwargs(),
+                ).to(self.device)
             self.pipe.set_progress_bar_config(disable=True)
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:

@@ -28,7 +28,7 @@ from pydantic import Field
 from pipeline.images import decode_rgb
 from pipeline.registry import register
 from pipeline.stage import BatchResult, Stage, StageConfig
-from stages.common import ModelConfig, select_device, select_dtype
+from stages.common import ModelConfig, loading, select_device, select_dtype
 from stages.vlm import (
     REFERENCE_KEY,
     answer_scores,
@@ -61,10 +61,14 @@ class Score(Stage):
     )
     config: ScoreConfig
 
+    def check(self) -> list[str]:
+        return self.config.model.missing_local("stages.score.model.model")
+
     def setup(self) -> None:
         self.device = select_device(self.resources.gpus, self.name)
         self.dtype = select_dtype(self.device, self.config.model.precision)
-        self.model, self.processor = load_vlm(self.config.model, self.device, self.dtype)
+        with loading(self.config.model.model, "stages.score.model.model"):
+            self.model, self.processor = load_vlm(self.config.model, self.device, self.dtype)
         self.model.eval()
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

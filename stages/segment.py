@@ -32,6 +32,8 @@ from stages.common import (
     ModelConfig,
     box_mask,
     encode_mask,
+    loading,
+    missing_package,
     require,
     select_device,
     select_dtype,
@@ -73,6 +75,18 @@ class Segment(Stage):
     outputs: ClassVar[tuple[str, ...]] = ("mask", "mask_area", "box_masks", "mask_scores")
     config: SegmentConfig
 
+    def check(self) -> list[str]:
+        cfg = self.config
+        if cfg.backend == "sam":
+            return cfg.model.missing_local("stages.segment.model.model")
+        if cfg.backend in ("segment-anything", "sam2"):
+            module = "segment_anything" if cfg.backend == "segment-anything" else "sam2"
+            problems = missing_package(module, "'mfpo-pipeline[sam]'")
+            if cfg.package.checkpoint and not Path(cfg.package.checkpoint).is_file():
+                problems.append(f"stages.segment.package.checkpoint: {cfg.package.checkpoint} not found")
+            return problems
+        return missing_package("cv2", "opencv-contrib-python-headless") if cfg.backend == "grabcut" else []
+
     def setup(self) -> None:
         cfg = self.config
         if cfg.backend in ("grabcut", "box"):
@@ -83,13 +97,15 @@ class Segment(Stage):
 
             kwargs = cfg.model.pretrained_kwargs()
             self.dtype = select_dtype(self.device, cfg.model.precision)
-            self.model_type = AutoConfig.from_pretrained(cfg.model.model, **kwargs).model_type
+            with loading(cfg.model.model, "stages.segment.model.model"):
+                self.model_type = AutoConfig.from_pretrained(cfg.model.model, **kwargs).model_type
             if self.model_type not in ("sam", "sam2"):
                 raise PipelineError(
                     f"stages.segment.model: {cfg.model.model} is a {self.model_type!r} model, not SAM or SAM 2"
                 )
-            self.processor = AutoProcessor.from_pretrained(cfg.model.model, **kwargs)
-            self.model = AutoModel.from_pretrained(cfg.model.model, dtype=self.dtype, **kwargs).to(self.device)
+            with loading(cfg.model.model, "stages.segment.model.model"):
+                self.processor = AutoProcessor.from_pretrained(cfg.model.model, **kwargs)
+                self.model = AutoModel.from_pretrained(cfg.model.model, dtype=self.dtype, **kwargs).to(self.device)
             self.model.eval()
         elif cfg.backend == "segment-anything":
             sa = require("segment_anything", "'mfpo-pipeline[sam]'")

@@ -100,10 +100,13 @@ def test_rlaif_v_save_to_disk_with_image_feature(tmp_path: Path):
 def test_shuffle_limit_and_stable_ids(tmp_path: Path):
     src = write_source(tmp_path / "src", 12)
 
-    def ids(**ingest) -> list[str]:
+    def ids(rows_expected: bool = True, **ingest) -> list[str]:
         out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
         stages = {"ingest": {"source": str(src), **ingest}, "write": {}}
-        cli("run", str(write_config(tmp_path / "c.yaml", src, out, stages=stages)), check=True)
+        proc = cli("run", str(write_config(tmp_path / "c.yaml", src, out, stages=stages)), check=rows_expected)
+        if not rows_expected:  # a run that keeps no row fails, naming why
+            assert proc.returncode == 1, proc.stderr
+            assert "run produced no rows: all 12 quarantined (missing field x12)" in proc.stderr
         files = sorted((out / "dataset" / "data").glob("*.parquet"))
         return [sid for f in files for sid in pq.read_table(f, columns=["sample_id"])["sample_id"].to_pylist()]
 
@@ -113,7 +116,7 @@ def test_shuffle_limit_and_stable_ids(tmp_path: Path):
     assert shuffled == ids(shuffle=True, limit=5)  # same seed, same rows
     assert shuffled != plain[:5] and set(shuffled) <= set(plain)
     # A configured id column that a row lacks quarantines that row, naming the column.
-    assert ids(id_column="no_such_column") == []
+    assert ids(False, id_column="no_such_column") == []
     out = max(tmp_path.glob("out-*"), key=lambda p: p.stat().st_mtime_ns)
     assert quarantine(out)["row-0"] == ["missing field: id column 'no_such_column'"]
 
@@ -152,7 +155,8 @@ def test_paths_outside_the_source_folder_are_refused(tmp_path: Path):
     )
     ds.to_parquet(str(folder / "x.parquet"))
     out = tmp_path / "out"
-    cli("run", str(write_config(tmp_path / "c.yaml", folder / "x.parquet", out)), check=True)
+    proc = cli("run", str(write_config(tmp_path / "c.yaml", folder / "x.parquet", out)))
+    assert proc.returncode == 1 and "run produced no rows: all 1 quarantined (image x1)" in proc.stderr
     [reasons] = quarantine(out).values()
     assert "is outside the image folder" in reasons[0]
 

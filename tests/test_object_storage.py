@@ -1,0 +1,155 @@
+"""Runs whose output lives in object storage, on a Ray cluster of two nodes without a shared disk: the offline
+recipe on `s3://` gives the bytes of a local run, resumes after its driver is killed, and the run lock is a
+lease that refuses a second run and is taken over once its holder is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cluster import cluster_env, ray_cluster, s3_objects, s3_server
+from helpers import REPO, cli, tree
+from tiny_models import save_tiny_llava
+
+BUCKET = "mfpo"
+# The shards and records a run commits: what must be byte-identical wherever the run wrote them.
+COMPARED = (".parquet", ".json")
+SKIPPED = ("summary.json", "dataset/README.md", "dataset/mfpo/")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server(BUCKET) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llava(tmp_path_factory.mktemp("vlm") / "tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory, model: Path) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("local") / "out"
+    cli("run", "examples/quickstart.yaml", *_sets(out, model, executor="local"), check=True)
+    return _committed(tree(out))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, s3: dict[str, str]):
+    root = tmp_path_factory.mktemp("ray")
+    with ray_cluster(root, s3, nodes=2, cpus_per_node=1) as address:
+        yield address, {**os.environ, **cluster_env(s3, root), "MFPO_CACHE": str(root / "driver-cache")}
+
+
+def _sets(out: str | Path, model: Path, executor: str = "ray", address: str | None = None) -> list[str]:
+    sets = [f"run.output_dir={out}", f"stages.score.model.model={model}", f"run.executor={executor}"]
+    if address:
+        sets.append(f"run.ray.address={address}")
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def _committed(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if k.endswith(COMPARED) and not k.startswith(SKIPPED) and k != ".lock"}
+
+
+@pytest.mark.ray
+def test_s3_output_on_two_nodes_matches_a_local_run(cluster, s3, model: Path, local_run: dict[str, bytes]):
+    address, env = cluster
+    proc = cli("run", "examples/quickstart.yaml", *_sets(f"s3://{BUCKET}/full", model, address=address), env=env)
+    assert proc.returncode == 0, proc.stderr
+    objects = s3_objects(s3, BUCKET, "full")
+    assert _committed(objects) == local_run
+    assert "dataset/README.md" in objects and "run.log" in objects  # the card and the log went to the bucket
+    assert ".lock" not in objects  # the lease is released
+    status = cli("status", "examples/quickstart.yaml", "--json", *_sets(f"s3://{BUCKET}/full", model), env=env)
+    stages = json.loads(status.stdout)["stages"]
+    assert {s["state"] for s in stages} == {"done"}
+    secret = s3["AWS_SECRET_ACCESS_KEY"]
+    assert all(secret.encode() not in data for data in objects.values()), "a credential was written to the bucket"
+
+
+@pytest.mark.ray
+def test_driver_killed_then_resumed_on_s3(cluster, s3, model: Path, local_run: dict[str, bytes]):
+    address, env = cluster
+    args = ["run", "examples/quickstart.yaml", *_sets(f"s3://{BUCKET}/killed", model, address=address)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    commits = 0
+    while time.monotonic() < deadline:
+        commits = sum(1 for k in s3_objects(s3, BUCKET, "killed") if "/_commits/" in k)
+        if commits >= 10:
+            break
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = s3_objects(s3, BUCKET, "killed")
+    assert ".lock" in before and "dataset/README.md" not in before, "killed in the middle of the run"
+    resumed = cli("run", "examples/quickstart.yaml", *args[2:], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _committed(s3_objects(s3, BUCKET, "killed")) == local_run
+
+
+def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(s3, tmp_path: Path, monkeypatch):
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    from pipeline.errors import PipelineError
+    from pipeline.storage import RunLayout, Store
+
+    store = Store(f"s3://{BUCKET}/leased")
+    layout = RunLayout(store)
+    live = {"owner": "x", "what": "run", "host": "node-7", "pid": 1, "expires_at": time.time() + 600}
+    store.write_json(".lock", live)
+    refused = r"another run \(host node-7, pid 1\) is using s3://mfpo/leased"
+    with pytest.raises(PipelineError, match=refused), layout.lock():
+        pass
+    with pytest.raises(PipelineError, match="another run"), layout.lock("push", shared=True):  # a reader too
+        pass
+    # Expired, or held by a process of this machine that no longer exists: taken over.
+    for dead in (
+        {**live, "expires_at": time.time() - 1},
+        {**live, "host": socket.gethostname(), "pid": _dead_pid()},
+    ):
+        store.write_json(".lock", dead)
+        with layout.lock():
+            held = store.read_json(".lock")
+            assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+            second = RunLayout(Store(f"s3://{BUCKET}/leased"))
+            with pytest.raises(PipelineError, match="another run"), second.lock():  # and it is exclusive
+                pass
+        assert not store.exists(".lock")
+
+
+def test_conditional_writes_are_atomic(s3, monkeypatch):
+    """The two primitives the lease stands on: create-if-absent and replace-if-unchanged."""
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    from pipeline.storage import Store
+
+    store = Store(f"s3://{BUCKET}/cas")
+    assert store.create_exclusive("x", b"1")
+    assert not store.create_exclusive("x", b"2")
+    version = store.version("x")
+    assert store.replace_if("x", b"3", version)
+    assert not store.replace_if("x", b"4", version)  # someone else's write in between: refused
+    assert store.read_bytes("x") == b"3"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
