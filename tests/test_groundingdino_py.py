@@ -63,6 +63,10 @@ def test_boxes_from_the_original_package(checkpoint: Path):
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
     assert set(out[0]["box_phrases"]) <= {"cat", "eye"} and set(out[1]["box_phrases"]) <= {"cup"}
     assert out[2]["boxes"] == []
+    worker = stage.worker.proc
+    assert worker.poll() is None  # the package's worker process lives while the stage does
+    stage.teardown()
+    assert worker.poll() is not None  # and is closed by teardown()
 
 
 def test_missing_environment_names_the_make_target(tmp_path: Path):
