@@ -139,6 +139,7 @@ class Runner:
                 redo = set(self.names[self.names.index(from_stage) :])
             elif force:
                 redo = {only} if only else set(self.names)
+            self.layout.sweep_run_temp_files()
             self._check([n for n in self.names if not only or n == only])
             progress = make_progress(self.config.run.progress)
             try:

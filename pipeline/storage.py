@@ -584,6 +584,12 @@ class RunLayout:
         for rel in {stage, data_root, self.quarantine_dir(stage)}:
             self.store.remove_tree(rel)
 
+    def sweep_run_temp_files(self) -> None:
+        """Temporary files of the run's own top-level files (summary.json) that a killed run left behind."""
+        if not self.store.remote:
+            for tmp in self.store.local().glob(".*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
     def sweep_temp_files(self, stage: str, data_root: str) -> None:
         """Remove temporary files a killed run left behind (they were never committed). Object stores have
         none: a PUT that did not finish left nothing."""
