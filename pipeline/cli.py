@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.config import PipelineConfig, load_config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, first_line
 from pipeline.runner import HOOK_INPUTS, Runner, StageStatus, log_to
 from pipeline.storage import Store
 
@@ -330,7 +330,7 @@ def _console_logging() -> None:
 
 
 def _fail(message: str, runner: Runner) -> None:
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    first = first_line(message) or "failed"
     err_console.print(f"[red]error:[/red] {first}", highlight=False, soft_wrap=True)
     if runner.layout.log_path.exists():
         err_console.print(f"(details in {runner.layout.log_path})", highlight=False, soft_wrap=True)

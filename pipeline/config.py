@@ -78,10 +78,10 @@ class PipelineConfig:
     def output_dir(self) -> Path:
         """A local folder for the run's files: the output folder itself, or for an object store its local
         mirror (see `pipeline.storage.Store.local_view`)."""
-        from pipeline.storage import Store, is_uri
+        from pipeline.storage import is_uri, mirror_dir
 
         if is_uri(self.output_location):
-            return Store(self.output_location).mirror()
+            return mirror_dir(self.output_location)
         return Path(self.output_location)
 
     def to_dict(self) -> dict[str, Any]:

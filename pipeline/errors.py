@@ -21,5 +21,13 @@ class RowError(Exception):
 def describe_os_error(err: OSError) -> str:
     """`/path: Operation not permitted` rather than `PermissionError: [Errno 1]` with no path."""
     what = err.strerror or str(err) or type(err).__name__
-    path = err.filename if err.filename is not None else None
-    return f"{path}: {what}" if path else f"{type(err).__name__}: {what}"
+    return f"{err.filename}: {what}" if err.filename else f"{type(err).__name__}: {what}"
+
+
+def first_line(message: BaseException | str) -> str:
+    """The first non-blank line of an error or message (errors from libraries often carry a paragraph); for an
+    exception with no text, its type's name."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return type(message).__name__ if isinstance(message, BaseException) else ""

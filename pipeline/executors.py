@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline.config import RayConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.registry import get_stage
 from pipeline.stage import Resources, Stage, StageConfig, StageContext
 from pipeline.worker import ShardResult, ShardTask, run_shard
@@ -236,11 +236,6 @@ def root_cause(err: BaseException) -> str:
     if isinstance(cause, PipelineError):
         return first_line(cause)
     return f"{type(cause).__name__}: {first_line(cause)}"
-
-
-def first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def make_executor(kind: str, ray_config: RayConfig) -> Executor:

@@ -120,13 +120,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def write_parquet(path: Path, table: pa.Table) -> str:
-    """Atomically write a local Parquet file; returns the sha256 of its bytes."""
-    data = parquet_bytes(table)
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-    return hashlib.sha256(data).hexdigest()
-
-
 def _json_text(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -152,6 +145,12 @@ def cache_dir() -> Path:
     """Local working folder of this machine (logs and views of runs that live on object stores)."""
     base = os.environ.get("MFPO_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "mfpo-pipeline")
     return Path(base).expanduser()
+
+
+def mirror_dir(location: str) -> Path:
+    """The local folder standing for an object-store location (logs, and the copies that publishing and
+    training read): derived from the URI alone, so no filesystem is opened to name it."""
+    return cache_dir() / "runs" / hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
 
 
 def _snapshot(root: Path, folders: tuple[str, ...] | list[str]) -> dict[str, tuple[int, int]]:
@@ -188,10 +187,6 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.location!r})"
 
-    def display(self, rel: str = "") -> str:
-        """How users see a path: a local path, or the URI."""
-        return f"{self.location}/{rel}" if rel else self.location
-
     def _path(self, rel: str) -> str:
         return f"{self._root}/{rel}" if rel else self._root
 
@@ -202,9 +197,7 @@ class Store:
     def mirror(self) -> Path:
         """A local folder standing for this store: the store itself when local, else a cache folder keyed by
         the URI (logs, and the copies that publishing and training read)."""
-        if self.root is not None:
-            return self.root
-        return cache_dir() / "runs" / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+        return self.root if self.root is not None else mirror_dir(self.location)
 
     # ------------------------------------------------------------------ bytes
     def read_bytes(self, rel: str) -> bytes:
@@ -311,19 +304,11 @@ class Store:
         self.write_bytes(rel, data)
         return hashlib.sha256(data).hexdigest()
 
-    # ------------------------------------------------------------------ conditional writes (the lock)
+    # ------------------------------------------------------------------ conditional writes (the lease)
+    # Object stores only: a local run is locked with flock (RunLayout.lock).
     def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Create a file only if it does not exist. True: created. Object stores: a conditional PUT
-        (If-None-Match), where the store has one."""
-        if self.root is not None:
-            path = self.root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(path, "xb") as fh:
-                    fh.write(data)
-            except FileExistsError:
-                return False
-            return True
+        """Create a file only if it does not exist (a conditional PUT, If-None-Match, where the store has one).
+        True: created."""
         try:
             self.fs.pipe_file(self._path(rel), data, mode="create")
         except FileExistsError:
@@ -337,17 +322,14 @@ class Store:
     def version(self, rel: str) -> str | None:
         """An opaque version of a file (ETag or generation); None when missing."""
         try:
-            info = self.fs.info(self._path(rel), refresh=True) if self.fs is not None else None
+            info = self.fs.info(self._path(rel), refresh=True)
         except FileNotFoundError:
             return None
-        if info is None:
-            st = (self.root / rel).stat()  # type: ignore[operator]
-            return f"{st.st_mtime_ns}-{st.st_size}"
         return str(info.get("ETag") or info.get("generation") or info.get("mtime") or info.get("LastModified"))
 
     def replace_if(self, rel: str, data: bytes, version: str) -> bool:
         """Overwrite a file only if it is still at `version`: S3's If-Match, elsewhere a compare and write."""
-        if self.fs is not None and self.fs.protocol and "s3" in self.fs.protocol:
+        if "s3" in self.fs.protocol:
             try:
                 self.fs.pipe_file(self._path(rel), data, IfMatch=version)
             except (FileExistsError, OSError) as err:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.stage import StrictModel
 
 log = logging.getLogger("mfpo")
@@ -145,10 +145,8 @@ def loading(model: str, key: str) -> Iterator[None]:
     except PipelineError:
         raise
     except Exception as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise PipelineError(
-            f"{key}: cannot load {model!r}: {type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-        ) from err
+        detail = f"{type(err).__name__}: {first_line(str(err))}".rstrip(": ")
+        raise PipelineError(f"{key}: cannot load {model!r}: {detail}") from err
 
 
 def missing_package(module: str, install: str) -> list[str]:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -41,8 +42,6 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def s3_server(bucket: str = "mfpo") -> Iterator[dict[str, str]]:
     """Start moto's S3 server; yield the environment variables a client needs (the usual AWS_* ones)."""
-    import boto3
-
     port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -57,13 +56,7 @@ def s3_server(bucket: str = "mfpo") -> Iterator[dict[str, str]]:
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     try:
-        client = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-            region_name=env["AWS_DEFAULT_REGION"],
-        )
+        client = _client(env)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -78,23 +71,32 @@ def s3_server(bucket: str = "mfpo") -> Iterator[dict[str, str]]:
         _stop(proc)
 
 
-def s3_objects(env: dict[str, str], bucket: str, prefix: str) -> dict[str, bytes]:
-    """Every object under s3://bucket/prefix/ (relative key -> bytes)."""
+def _client(env: dict[str, str]) -> Any:
+    """A boto3 S3 client for the server `s3_server` started (the test's own view of the bucket)."""
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env["AWS_DEFAULT_REGION"],
     )
-    out: dict[str, bytes] = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            out[key[len(prefix.rstrip("/")) + 1 :]] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return out
+
+
+def s3_keys(env: dict[str, str], bucket: str, prefix: str) -> list[str]:
+    """The keys under s3://bucket/prefix/, relative to it (listing only: cheap enough to poll)."""
+    base = prefix.rstrip("/") + "/"
+    pages = _client(env).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
+    return [obj["Key"][len(base) :] for page in pages for obj in page.get("Contents", [])]
+
+
+def s3_objects(env: dict[str, str], bucket: str, prefix: str) -> dict[str, bytes]:
+    """Every object under s3://bucket/prefix/ (relative key -> bytes)."""
+    client = _client(env)
+    base = prefix.rstrip("/") + "/"
+    keys = s3_keys(env, bucket, prefix)
+    return {key: client.get_object(Bucket=bucket, Key=base + key)["Body"].read() for key in keys}
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,33 @@ def cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def run_and_kill(
+    args: list[str],
+    progress: Callable[[], int],
+    at_least: int,
+    env: dict[str, str] | None = None,
+    poll_s: float = 0.002,
+) -> None:
+    """Start `python -m pipeline ARGS` and SIGKILL it once `progress()` (e.g. commit records so far) reaches
+    `at_least`; fails if the run finishes first."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env={**(os.environ if env is None else env), "RAY_DISABLE_USAGE_STATS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and progress() < at_least:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(poll_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def tree(root: Path, exclude: tuple[str, ...] = ("run.log", ".lock")) -> dict[str, bytes]:

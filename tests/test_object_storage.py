@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import cluster_env, ray_cluster, s3_objects, s3_server
-from helpers import REPO, cli, tree
+from cluster import cluster_env, ray_cluster, s3_keys, s3_objects, s3_server
+from helpers import cli, run_and_kill, tree
 from tiny_models import save_tiny_llava
 
 BUCKET = "mfpo"
@@ -80,23 +79,7 @@ def test_s3_output_on_two_nodes_matches_a_local_run(cluster, s3, model: Path, lo
 def test_driver_killed_then_resumed_on_s3(cluster, s3, model: Path, local_run: dict[str, bytes]):
     address, env = cluster
     args = ["run", "examples/quickstart.yaml", *_sets(f"s3://{BUCKET}/killed", model, address=address)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    commits = 0
-    while time.monotonic() < deadline:
-        commits = sum(1 for k in s3_objects(s3, BUCKET, "killed") if "/_commits/" in k)
-        if commits >= 10:
-            break
-        assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill(args, lambda: sum("/_commits/" in k for k in s3_keys(s3, BUCKET, "killed")), 10, env, poll_s=0.05)
     before = s3_objects(s3, BUCKET, "killed")
     assert ".lock" in before and "dataset/README.md" not in before, "killed in the middle of the run"
     resumed = cli("run", "examples/quickstart.yaml", *args[2:], env=env)

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli, dataset_rows, tree, write_config, write_source
+from helpers import cli, dataset_rows, run_and_kill, tree, write_config, write_source
 
 ROWS = 400
 
@@ -34,24 +29,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Path:
 
 def _kill_when(cfg: Path, commits: Path, at_least: int) -> int:
     """Start a run and SIGKILL it once `commits` holds at least `at_least` completion records."""
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(cfg)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    count = 0
-    while time.monotonic() < deadline:
-        count = len(list(commits.glob("*.json"))) if commits.is_dir() else 0
-        if count >= at_least:
-            break
-        assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill(["run", str(cfg)], lambda: len(list(commits.glob("*.json"))), at_least)
     return len(list(commits.glob("*.json")))
 
 
