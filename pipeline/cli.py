@@ -40,7 +40,7 @@ def _load(config: str, overrides: list[str] | None) -> PipelineConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as err:
-        err_console.print(f"[red]config error:[/red] {err}", highlight=False, markup=True, soft_wrap=True)
+        _say("config error", str(err))
         raise typer.Exit(2) from None
 
 
@@ -82,7 +82,7 @@ def _require_rows(statuses: list[StageStatus], location: str) -> None:
         why = f"all {quarantined} quarantined ({top}); see {location.rstrip('/')}/quarantine/"
     else:
         why = "the source has no rows"
-    err_console.print(Text("error: ", style="red") + Text(f"run produced no rows: {why}"), soft_wrap=True)
+    _say("error", f"run produced no rows: {why}")
     raise typer.Exit(1)
 
 
@@ -102,7 +102,10 @@ def status(
 
             training = train_status(cfg)
     except PipelineError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        _say("error", str(err))
+        raise typer.Exit(1) from None
+    except Exception as err:  # the store: no credentials, no such bucket
+        _say("error", f"{type(err).__name__}: {first_line(err)}")
         raise typer.Exit(1) from None
     if as_json:
         payload = {"output_dir": cfg.output_location, "stages": [asdict(s) for s in statuses], "train": training}
@@ -125,7 +128,7 @@ def train(
     """Train with MFPO on the finished dataset, bucket by bucket (easy -> hard)."""
     cfg = _load(config, overrides)
     if cfg.train is None:
-        err_console.print("[red]config error:[/red] no `train:` section in the config (see pipeline.yaml)")
+        _say("config error", "no `train:` section in the config (see pipeline.yaml)")
         raise typer.Exit(2)
     from mfpo_train.command import lead, paths, run_train
     from mfpo_train.records import TrainRefused
@@ -145,19 +148,15 @@ def train(
         summary = run_train(cfg, resume=resume, force=force)
     except TrainRefused as err:
         logger.debug("train refused: %s", err)  # the file only: the console gets the line below
-        err_console.print(f"[red]refused:[/red] {err}", highlight=False, soft_wrap=True)
+        _say("refused", str(err))
         raise typer.Exit(2) from None
     except PipelineError as err:
         logger.exception("training failed")
-        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        _say("error", str(err))
         raise typer.Exit(1) from None
     except Exception as err:
         logger.exception("training failed")
-        err_console.print(
-            f"[red]error:[/red] {type(err).__name__}: {err} (details in {out / 'train.log'})",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _say("error", f"{type(err).__name__}: {err} (details in {out / 'train.log'})")
         raise typer.Exit(1) from None
     finally:
         if handler is not None:
@@ -218,7 +217,7 @@ def preview(
                 title=(write.pretty_name if write is not None else None) or cfg.run.name,
             )
     except PipelineError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        _say("error", str(err))
         raise typer.Exit(1) from None
     Console().print(
         f"preview of {result.samples} sample(s) in {folder}: sheet.png, index.html and {result.plots} plot(s)",
@@ -257,10 +256,10 @@ def push(
         settings = PushConfig.model_validate({**cfg.push.model_dump(), **update})
     except ValidationError as err:
         e = err.errors()[0]
-        err_console.print(f"[red]config error:[/red] push.{e['loc'][0]}: {e['msg']} (got {e['input']!r})")
+        _say("config error", f"push.{e['loc'][0]}: {e['msg']} (got {e['input']!r})")
         raise typer.Exit(2) from None
     if not settings.repo_id:
-        err_console.print("[red]config error:[/red] push needs a repo id: pass --repo-id ORG/NAME or set push.repo_id")
+        _say("config error", "push needs a repo id: pass --repo-id ORG/NAME or set push.repo_id")
         raise typer.Exit(2)
     runner = Runner(cfg)
     _console_logging()
@@ -280,7 +279,7 @@ def push(
                 echo=lambda line: console.print(line, highlight=False, soft_wrap=True),
             )
     except PushRefused as err:
-        err_console.print(f"[red]refused:[/red] {err}", highlight=False, soft_wrap=True)
+        _say("refused", str(err))
         raise typer.Exit(2) from None
     except PipelineError as err:
         _fail(str(err), runner)
@@ -331,7 +330,7 @@ def _console_logging() -> None:
 
 def _fail(message: str, runner: Runner) -> None:
     first = first_line(message) or "failed"
-    err_console.print(f"[red]error:[/red] {first}", highlight=False, soft_wrap=True)
+    _say("error", first)
     if runner.layout.log_path.exists():
         err_console.print(f"(details in {runner.layout.log_path})", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -365,5 +364,17 @@ def _print_training(rows: list[dict], console: Console) -> None:
     console.print(table)
 
 
+def _say(label: str, message: str) -> None:
+    """`label: message` on stderr, one line: the label in red on a terminal, the message as plain text (never
+    read as markup: paths, values and install lines carry square brackets)."""
+    err_console.print(Text(f"{label}: ", style="red") + Text(message), soft_wrap=True, highlight=False)
+
+
 def main() -> None:
-    app()
+    # What fails before a command's own handler (e.g. opening the output store for a URI whose filesystem
+    # package is missing) is still one line.
+    try:
+        app()
+    except PipelineError as err:
+        _say("error", first_line(err))
+        raise SystemExit(1) from None

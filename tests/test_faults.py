@@ -4,6 +4,7 @@ real cause; logs that are not a terminal carry no ANSI codes."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -120,3 +121,25 @@ def test_unwritable_output_directory_names_the_key_and_the_path(tmp_path: Path):
         "error: run.output_dir: cannot create /sys/mfpo-pipeline-test"
     ), proc.stderr
     assert "Errno" not in first
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed here")
+def test_missing_filesystem_package_is_one_line_with_the_install_command(tmp_path: Path):
+    cfg = write_config(tmp_path / "cfg.yaml", SAMPLE_JSONL, tmp_path / "out")
+    for command in ("run", "status"):
+        proc = cli(command, str(cfg), "--set", "run.output_dir=gs://bucket/run")
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == (
+            "error: gs://bucket/run: gs:// storage needs a package that is not installed: "
+            "pip install 'mfpo-pipeline[gcs]'"
+        ), proc.stderr
+
+
+def test_object_store_without_credentials_is_one_line(tmp_path: Path):
+    cfg = write_config(tmp_path / "cfg.yaml", SAMPLE_JSONL, tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/none")
+    for command in ("run", "status"):
+        proc = cli(command, str(cfg), "--set", "run.output_dir=s3://bucket/run", env=env)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines() == ["error: NoCredentialsError: Unable to locate credentials"]
