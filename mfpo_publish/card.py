@@ -115,7 +115,7 @@ def render_card(
         task_categories=["image-text-to-text"],
         tags=TAGS,
         size_categories=[size_category(rows)],
-        source_datasets=[f"extended|{source}"] if _is_hub_id(source) else ["original"],
+        source_datasets=[f"extended|{_hub_dataset(source)}"] if _hub_dataset(source) else ["original"],
         configs=[
             {
                 "config_name": "default",
@@ -195,17 +195,22 @@ def _type_name(feature: Any, depth: int = 0) -> str:
     return type(feature).__name__
 
 
-def _is_hub_id(source: str) -> bool:
-    return source.count("/") == 1 and not Path(source).suffix and not Path(source).exists()
+def _hub_dataset(source: str) -> str | None:
+    """ORG/NAME of a Hub dataset source: its id, or an `hf://datasets/ORG/NAME[@rev]/...` URI."""
+    if source.startswith("hf://datasets/"):
+        parts = source.removeprefix("hf://datasets/").split("/")
+        return "/".join(parts[:2]).split("@")[0] if len(parts) >= 2 else None
+    if source.count("/") == 1 and "://" not in source and not Path(source).suffix and not Path(source).exists():
+        return source
+    return None
 
 
 def _describe_source(config: Any) -> str:
     first = next(iter(config.stages))
     cfg = config.stages[first].model_dump(mode="json")
     source = cfg.get("source", "?")
-    shown = (
-        f"[`{source}`](https://huggingface.co/datasets/{source})" if _is_hub_id(source) else f"`{Path(source).name}`"
-    )
+    hub = _hub_dataset(source)
+    shown = f"[`{source}`](https://huggingface.co/datasets/{hub})" if hub else f"`{Path(source).name}`"
     parts = [shown, f"format `{cfg.get('format', 'auto')}`", f"split `{cfg.get('split', 'train')}`"]
     if cfg.get("revision"):
         parts.append(f"revision `{cfg['revision']}`")

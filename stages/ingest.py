@@ -1,8 +1,9 @@
 """ingest: a text-preference dataset (image, question, chosen, rejected) -> validated rows.
 
-Sources: a Hugging Face Hub dataset id (via `datasets`), a local Parquet file or folder, a folder
-written by `save_to_disk`, or a local JSONL/JSON file whose images are paths (relative to the file, or
-to `image_root`) or bytes. Layouts ("format"):
+Sources: a Hugging Face Hub dataset id (via `datasets`), a Parquet file or folder, a folder written by
+`save_to_disk`, or a JSONL/JSON file whose images are paths (relative to the file, or to `image_root`) or
+bytes. Files and folders may be local or URIs (`s3://`, `gs://`, `hf://datasets/<org>/<name>/<path>`,
+through fsspec): every worker reads them itself, so a cluster needs no shared disk. Layouts ("format"):
 
 - `rlhf-v`  openbmb/RLHF-V-Dataset: `image`, and `text` = JSON string {question, chosen, rejected}
 - `rlaif-v` openbmb/RLAIF-V-Dataset: `image`, `question`, `chosen`, `rejected` (id column `idx`)
@@ -41,6 +42,7 @@ import codecs
 import errno
 import hashlib
 import json
+import posixpath
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -49,11 +51,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.errors import PipelineError, RowError
+from pipeline.errors import PipelineError, RowError, first_line
 from pipeline.images import DEFAULT_FORMATS, ImageLimits, validate_image
 from pipeline.registry import register
 from pipeline.stage import IMAGE_TYPE, BatchResult, Rejection, SourceStage, StageConfig, StrictModel, describe_value
-from pipeline.storage import file_sha256
+from pipeline.storage import file_sha256, filesystem, is_uri, local_path
 
 Format = Literal["auto", "rlhf-v", "rlaif-v", "trl", "flat"]
 _LOCAL_TEXT = (".jsonl", ".ndjson", ".json")
@@ -88,7 +90,10 @@ class ImageLimitsConfig(StrictModel):
 
 
 class IngestConfig(StageConfig):
-    source: str = Field(description="Hub dataset id, or a local .jsonl/.json/.parquet file or folder.")
+    source: str = Field(
+        description="Hub dataset id, or a .jsonl/.json/.parquet file or folder: a local path or a URI "
+        "(s3://, gs://, hf://datasets/<org>/<name>/<path>)."
+    )
     format: Format = "auto"
     split: str = "train"
     subset: str | None = Field(None, description="Hub dataset configuration name.")
@@ -96,7 +101,9 @@ class IngestConfig(StageConfig):
     limit: int | None = Field(None, ge=1, description="Keep the first N rows (after shuffling).")
     shuffle: bool = False
     id_column: str | None = Field(None, description="Column holding a unique row id; default per format.")
-    image_root: str | None = Field(None, description="Folder that relative image paths are resolved in.")
+    image_root: str | None = Field(
+        None, description="Folder (local path or URI) that relative image paths are resolved in."
+    )
     image: ImageLimitsConfig = Field(default_factory=ImageLimitsConfig)
     max_text_chars: int = Field(20_000, ge=1)
 
@@ -114,17 +121,15 @@ class _JsonSource:
 
     allow_paths = True
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        data = path.read_bytes()
+    def __init__(self, data: bytes, name: str) -> None:
         if data.startswith(codecs.BOM_UTF8):
             data = data[len(codecs.BOM_UTF8) :]  # written by some editors; not part of the first row
         self.records: list[tuple[int, bytes]] = []
-        if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+        if name.lower().endswith(".json") and data.lstrip()[:1] == b"[":
             try:
                 items = json.loads(data)
             except (ValueError, RecursionError) as err:  # one array: no row can be told from the next
-                raise PipelineError(f"stages.ingest.source: {path} is not a valid JSON array ({_short(err)})") from None
+                raise PipelineError(f"stages.ingest.source: {name} is not a valid JSON array ({_short(err)})") from None
             self.records = [(i + 1, json.dumps(item).encode()) for i, item in enumerate(items)]
         else:
             for lineno, line in enumerate(data.split(b"\n"), start=1):
@@ -192,27 +197,91 @@ class _DatasetsSource:
         return {}
 
 
-def _open_source(cfg: IngestConfig) -> tuple[Any, Path | None]:
-    """The source and the folder relative image paths are resolved in (None: no local paths)."""
-    path = Path(cfg.source)
+class _ImageFolder:
+    """Where relative image paths are read: the source's folder (on disk, or beside it in the same bucket or
+    repo) or `image_root`. A path may not leave the folder, and is size-checked before it is read."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.remote = is_uri(location)
+        if self.remote:
+            self.fs, root = filesystem(str(location))
+            self.root = root.rstrip("/")
+        else:
+            self.root_path = local_path(location).resolve()
+
+    def read(self, ref: str, max_bytes: int) -> bytes:
+        if "\x00" in ref:
+            raise RowError(f"image: path {_clip(ref)!r} contains a NUL byte")
+        return self._read_remote(ref, max_bytes) if self.remote else self._read_local(ref, max_bytes)
+
+    def _read_local(self, ref: str, max_bytes: int) -> bytes:
+        try:
+            path = (self.root_path / ref).resolve()
+            if not path.is_relative_to(self.root_path):
+                raise RowError(f"image: path {_clip(ref)!r} is outside the image folder")
+            if not path.exists():
+                raise RowError(f"image: file not found: {_clip(ref)}")
+            if path.is_dir():
+                raise RowError(f"image: path {_clip(ref)!r} is a folder, not a file")
+            if not path.is_file():
+                raise RowError(f"image: path {_clip(ref)!r} is not a regular file")
+            _check_size(path.stat().st_size, max_bytes)
+            return path.read_bytes()
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                raise RowError(
+                    f"image: path is too long for the file system ({len(ref)} characters; image data given as "
+                    "text must be a data:image/...;base64, URI)"
+                ) from None
+            raise RowError(f"image: cannot read {_clip(ref)!r} ({err.strerror or _short(err)})") from None
+
+    def _read_remote(self, ref: str, max_bytes: int) -> bytes:
+        relative = posixpath.normpath(ref)
+        if "://" in ref or relative.startswith(("/", "..")):
+            raise RowError(f"image: path {_clip(ref)!r} is outside the image folder")
+        key = f"{self.root}/{relative}"
+        try:
+            info = self.fs.info(key)
+            if info.get("type") == "directory":
+                raise RowError(f"image: path {_clip(ref)!r} is a folder, not a file")
+            _check_size(int(info.get("size") or 0), max_bytes)
+            return self.fs.cat_file(key)
+        except FileNotFoundError:
+            raise RowError(f"image: file not found: {_clip(ref)}") from None
+        except PermissionError as err:
+            raise RowError(f"image: cannot read {_clip(ref)!r} ({first_line(err)})") from None
+        except RowError:
+            raise
+        except Exception as err:  # connection errors, throttling, 5xx after the filesystem's own retries
+            raise RowError(f"transient: image: cannot read {_clip(ref)!r} ({_short(err)})") from None
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise RowError(f"image: {size} bytes exceeds image.max_bytes={max_bytes}")
+
+
+def _open_source(cfg: IngestConfig) -> tuple[Any, _ImageFolder | None]:
+    """The source and the folder relative image paths are resolved in (None: the rows may not name files)."""
+    if is_uri(cfg.source):
+        return _open_remote(cfg)
+    path = local_path(cfg.source)
     if path.exists():
         if path.is_file() and path.suffix.lower() in _LOCAL_TEXT:
-            return _JsonSource(path), path.parent
+            return _JsonSource(path.read_bytes(), path.name), _ImageFolder(path.parent)
         import datasets
 
         if path.is_dir() and (path / "state.json").exists():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[cfg.split]
-            return _DatasetsSource(ds, allow_paths=True), path
+            return _DatasetsSource(ds, allow_paths=True), _ImageFolder(path)
         files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
         if not files or any(f.suffix.lower() != ".parquet" for f in files):
-            raise PipelineError(
-                f"stages.ingest.source: {cfg.source} is not a .jsonl/.json/.parquet file or a folder of Parquet files"
-            )
+            raise PipelineError(f"stages.ingest.source: {cfg.source} {_NOT_A_SOURCE}")
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-        return _DatasetsSource(ds, allow_paths=True), path if path.is_dir() else path.parent
-    if cfg.source.startswith((".", "/", "~")) or cfg.source.endswith((*_LOCAL_TEXT, ".parquet")):
+        return _DatasetsSource(ds, allow_paths=True), _ImageFolder(path if path.is_dir() else path.parent)
+    if cfg.source.startswith((".", "/", "~", "file://")) or cfg.source.endswith((*_LOCAL_TEXT, ".parquet")):
         raise PipelineError(f"stages.ingest.source: file not found: {cfg.source}")
     import datasets
 
@@ -222,6 +291,57 @@ def _open_source(cfg: IngestConfig) -> tuple[Any, Path | None]:
         raise PipelineError(f"stages.ingest.source: cannot load Hub dataset {cfg.source!r}: {err}") from err
     # Rows from the Hub may carry image *paths*; never read local files on their behalf.
     return _DatasetsSource(ds, allow_paths=False), None
+
+
+_NOT_A_SOURCE = "is not a .jsonl/.json/.parquet file or a folder of Parquet files"
+
+
+def _remote_files(uri: str) -> tuple[Any, str, list[str]]:
+    """(filesystem, path, files) of a source URI: the file itself, or every file under the folder."""
+    fs, path = filesystem(uri)
+    try:
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            return fs, path.rstrip("/"), sorted(fs.find(path))
+        return fs, path, [path]
+    except FileNotFoundError:
+        raise PipelineError(f"stages.ingest.source: not found: {uri}") from None
+    except PipelineError:
+        raise
+    except Exception as err:  # no credentials, no such bucket, unreachable endpoint
+        reason = f"{type(err).__name__}: {first_line(err)}"
+        raise PipelineError(f"stages.ingest.source: cannot open {uri}: {reason}") from None
+
+
+def _open_remote(cfg: IngestConfig) -> tuple[Any, _ImageFolder | None]:
+    """A source file or folder in an object store or a Hub repo, read by whoever opens it (driver or worker)."""
+    fs, path, files = _remote_files(cfg.source)
+    folder = cfg.source.rstrip("/") if files != [path] else cfg.source.rsplit("/", 1)[0]
+    if files == [path] and path.lower().endswith(_LOCAL_TEXT):
+        return _JsonSource(fs.cat_file(path), posixpath.basename(path)), _ImageFolder(folder)
+    import datasets
+
+    if f"{path}/state.json" in files:
+        ds = datasets.load_from_disk(cfg.source, storage_options=fs.storage_options)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[cfg.split]
+        return _DatasetsSource(ds, allow_paths=True), _ImageFolder(folder)
+    parquet = [f for f in files if f.lower().endswith(".parquet")]
+    if not parquet:
+        hint = "; for a whole Hub dataset give its id (<org>/<name>)" if cfg.source.startswith("hf://") else ""
+        raise PipelineError(f"stages.ingest.source: {cfg.source} {_NOT_A_SOURCE}{hint}")
+    uris = [fs.unstrip_protocol(f) for f in parquet]
+    ds = datasets.load_dataset("parquet", data_files=uris, split="train", storage_options=fs.storage_options)
+    return _DatasetsSource(ds, allow_paths=True), _ImageFolder(folder)
+
+
+def _dataset_name(source: str) -> str:
+    """The name recorded in each row's `source`: a file or folder's own name (the same wherever it is
+    stored), or the Hub id."""
+    if is_uri(source):
+        return posixpath.basename(source.rstrip("/"))
+    path = local_path(source)
+    return path.name if path.exists() else source
 
 
 def _detect_format(columns: set[str]) -> str:
@@ -248,9 +368,9 @@ class Ingest(SourceStage):
     config: IngestConfig
 
     def setup(self) -> None:
-        self.source, self.base_dir = _open_source(self.config)
-        if self.config.image_root is not None:
-            self.base_dir = Path(self.config.image_root)
+        self.source, self.images = _open_source(self.config)
+        if self.config.image_root is not None and self.images is not None:
+            self.images = _ImageFolder(self.config.image_root)
         self.format = self.config.format if self.config.format != "auto" else _detect_format(self.source.columns())
         self.limits = ImageLimits(
             self.config.image.max_bytes,
@@ -258,11 +378,18 @@ class Ingest(SourceStage):
             self.config.image.min_side,
             tuple(f.upper() for f in self.config.image.formats),
         )
-        self.dataset_name = Path(self.config.source).name if Path(self.config.source).exists() else self.config.source
+        self.dataset_name = _dataset_name(self.config.source)
 
     def fingerprint_extra(self) -> Any:
-        """The content of local source files: editing the data invalidates the run, moving it does not."""
-        path = Path(self.config.source)
+        """The content of the source files: editing the data invalidates the run, moving it does not. Remote
+        files count by their store's checksum (an S3 ETag, ...), so nothing is downloaded to fingerprint."""
+        if is_uri(self.config.source):
+            fs, path, files = _remote_files(self.config.source)
+            base = posixpath.dirname(path)
+            return [
+                {"file": posixpath.relpath(f, base), "size": fs.size(f), "checksum": str(fs.checksum(f))} for f in files
+            ]
+        path = local_path(self.config.source)
         if not path.exists():
             return {"hub": self.config.source}
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -414,32 +541,9 @@ class Ingest(SourceStage):
         return self._read_path(ref)
 
     def _read_path(self, ref: str) -> bytes:
-        if not self.source.allow_paths or self.base_dir is None:
+        if not self.source.allow_paths or self.images is None:
             raise RowError("image: the row gives only a path and this source may not read local files")
-        if "\x00" in ref:
-            raise RowError(f"image: path {_clip(ref)!r} contains a NUL byte")
-        root = self.base_dir.resolve()
-        try:
-            path = (root / ref).resolve()
-            if not path.is_relative_to(root):
-                raise RowError(f"image: path {_clip(ref)!r} is outside the image folder")
-            if not path.exists():
-                raise RowError(f"image: file not found: {_clip(ref)}")
-            if path.is_dir():
-                raise RowError(f"image: path {_clip(ref)!r} is a folder, not a file")
-            if not path.is_file():
-                raise RowError(f"image: path {_clip(ref)!r} is not a regular file")
-            size = path.stat().st_size
-            if size > self.limits.max_bytes:
-                raise RowError(f"image: {size} bytes exceeds image.max_bytes={self.limits.max_bytes}")
-            return path.read_bytes()
-        except OSError as err:
-            if err.errno == errno.ENAMETOOLONG:
-                raise RowError(
-                    f"image: path is too long for the file system ({len(ref)} characters; image data given as "
-                    "text must be a data:image/...;base64, URI)"
-                ) from None
-            raise RowError(f"image: cannot read {_clip(ref)!r} ({err.strerror or _short(err)})") from None
+        return self.images.read(ref, self.limits.max_bytes)
 
     def _text(self, value: Any, field: str) -> str:
         if value is None:
