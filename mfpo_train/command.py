@@ -5,6 +5,12 @@ run's own), the policy's starting point must match the dataset's reference model
 must fit the command (plain / --resume / --force, see `records.prepare_output`). Rank 0 holds the locks:
 the training folder exclusively, the pipeline's output folder shared (a `run` cannot rewrite the dataset
 while it is being trained on; other trainings and pushes may read it).
+
+On an object store (`train.output_dir: s3://...`, or a run whose `output_dir` is one) training works in a
+local mirror of the store (`pipeline.storage.Store.pull`): rank 0 brings it up to date first (the dataset,
+and the training folder's stages and checkpoints, so a resume may happen on another machine) and uploads
+after every record and checkpoint it writes, commit markers last (`Store.push`): a crash at any point
+leaves in the store only checkpoints and stages that are whole.
 """
 
 from __future__ import annotations
@@ -12,24 +18,41 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mfpo_train.records import StagePlan, TrainRefused, plan_stages, prepare_output, status
-from pipeline.storage import RunLayout
+from mfpo_train.records import COMMITTED, StagePlan, TrainRefused, plan_stages, prepare_output, status
+from pipeline.storage import RunLayout, Store, is_uri, local_path, mirror_dir
 
 log = logging.getLogger("mfpo")
 
 
+# The files whose presence commits a training folder's work: uploaded last, deleted first.
+MARKERS = (COMMITTED, "stage.json")
+# The training records `status` reads (a pull of these alone downloads no weights).
+_RECORDS = ("stage.json", "_started.json", COMMITTED)
+
+
+def locations(cfg: Any) -> tuple[str, str]:
+    """(dataset, training output) as configured: local paths or object-store URIs."""
+    run = cfg.output_location.rstrip("/")
+    return cfg.train.dataset_dir or f"{run}/dataset", cfg.train.output_dir or f"{run}/train"
+
+
 def paths(cfg: Any) -> tuple[Path, Path]:
-    """(dataset folder, training output folder)."""
-    train = cfg.train
-    return Path(train.dataset_dir or cfg.output_dir / "dataset"), Path(train.output_dir or cfg.output_dir / "train")
+    """(dataset folder, training output folder) on this machine: the folders themselves, or the local
+    mirrors of object-store locations."""
+    return tuple(mirror_dir(loc) if is_uri(loc) else local_path(loc) for loc in locations(cfg))  # type: ignore[return-value]
 
 
 def own_dataset(cfg: Any, dataset: Path) -> bool:
-    return dataset.resolve() == (cfg.output_dir / "dataset").resolve() and "write" in cfg.stages
+    return dataset.resolve() == _run_dataset_dir(cfg).resolve() and "write" in cfg.stages
+
+
+def _run_dataset_dir(cfg: Any) -> Path:
+    run = cfg.output_location.rstrip("/")
+    return mirror_dir(f"{run}/dataset") if is_uri(run) else local_path(run) / "dataset"
 
 
 def dataset_fingerprint(cfg: Any, refuse: bool = True) -> str | None:
@@ -66,13 +89,31 @@ def lead() -> bool:
 
 
 @contextlib.contextmanager
-def _locks(cfg: Any, dataset: Path, out: Path) -> Iterator[None]:
+def _locks(cfg: Any, dataset: Path) -> Iterator[None]:
+    _, out = locations(cfg)
     with contextlib.ExitStack() as stack:
         if lead():
             stack.enter_context(RunLayout(out).lock("train"))
-            if own_dataset(cfg, dataset) and out.resolve() != cfg.output_dir.resolve():
-                stack.enter_context(RunLayout(cfg.output_dir).lock("train", shared=True))
+            if own_dataset(cfg, dataset) and out.rstrip("/") != cfg.output_location.rstrip("/"):
+                stack.enter_context(RunLayout(cfg.output_location).lock("train", shared=True))
         yield
+
+
+def _sync_down(cfg: Any) -> Store | None:
+    """Rank 0: bring the local mirrors of object-store locations up to date (the dataset, and the training
+    folder's records and checkpoints); the other ranks wait for it. The training store, when remote."""
+    dataset, out = locations(cfg)
+    if not (is_uri(dataset) or is_uri(out)):
+        return None
+    from accelerate import PartialState
+
+    if lead():
+        if is_uri(dataset):
+            Store(dataset).pull()
+        if is_uri(out):
+            Store(out).pull()
+    PartialState().wait_for_everyone()  # the other ranks read the mirrors rank 0 just wrote
+    return Store(out) if is_uri(out) else None
 
 
 def run_train(cfg: Any, resume: bool, force: bool) -> dict[str, Any]:
@@ -80,6 +121,26 @@ def run_train(cfg: Any, resume: bool, force: bool) -> dict[str, Any]:
     if resume and force:
         raise TrainRefused("use either --resume or --force, not both")
     dataset, out = paths(cfg)
+    ray_workers = cfg.train.ray.num_workers
+    remote = [loc for loc in locations(cfg) if is_uri(loc)]
+    if ray_workers and remote:
+        raise TrainRefused(
+            f"train.ray.num_workers: Ray Train workers read the dataset and write checkpoints on a shared disk, "
+            f"and {remote[0]} is an object store; train without train.ray (one process, or torchrun on one "
+            "node), or give train.dataset_dir / train.output_dir on a disk every node mounts"
+        )
+    with _locks(cfg, dataset):
+        store = _sync_down(cfg)
+        publish = (lambda: store.push(last=MARKERS)) if store is not None and lead() else None
+        summary = _train_locked(cfg, dataset, out, resume, force, publish)
+        if publish is not None:
+            publish()
+    return summary
+
+
+def _train_locked(
+    cfg: Any, dataset: Path, out: Path, resume: bool, force: bool, publish: Callable[[], None] | None
+) -> dict[str, Any]:
     fingerprint = dataset_fingerprint(cfg)
     assert fingerprint is not None
     plans = plan_stages(cfg.train, fingerprint)
@@ -89,31 +150,40 @@ def run_train(cfg: Any, resume: bool, force: bool) -> dict[str, Any]:
         check_reference(cfg.train, dataset)
     ray_workers = cfg.train.ray.num_workers
     here = {"world_size": ray_workers, "device": None} if ray_workers else world()
-    with _locks(cfg, dataset, out):
-        if lead():
-            out.mkdir(parents=True, exist_ok=True)
-            known = {k: v for k, v in here.items() if v is not None}
-            for note in prepare_output(out, plans, known, resume, force):
-                log.info("train: %s", note)
-        if ray_workers:
-            from mfpo_train.ray_train import launch
-            from mfpo_train.trainer import read_stage_records
+    if lead():
+        out.mkdir(parents=True, exist_ok=True)
+        known = {k: v for k, v in here.items() if v is not None}
+        for note in prepare_output(out, plans, known, resume, force):
+            log.info("train: %s", note)
+        if publish is not None:
+            publish()  # what prepare_output removed goes from the store too (markers first)
+    if ray_workers:
+        from mfpo_train.ray_train import launch
+        from mfpo_train.trainer import read_stage_records
 
-            launch(cfg.train, dataset, out, cfg.run.seed, plans, cfg.run.ray.address, cfg.run.ray.num_cpus)
-            summary = read_stage_records(out)
-        else:
-            from mfpo_train.trainer import train
+        launch(cfg.train, dataset, out, cfg.run.seed, plans, cfg.run.ray.address, cfg.run.ray.num_cpus)
+        summary = read_stage_records(out)
+    else:
+        from mfpo_train.trainer import train
 
-            summary = train(cfg.train, dataset, out, cfg.run.seed, plans)
-        if lead():
-            from mfpo_train.card import write_model_card
+        summary = train(cfg.train, dataset, out, cfg.run.seed, plans, publish)
+    if lead():
+        from mfpo_train.card import write_model_card
 
-            write_model_card(out / "final", cfg, dataset, summary)
-            if cfg.train.extra_arguments.get("push_to_hub"):
-                from mfpo_train.trainer import push_model
+        write_model_card(out / "final", cfg, dataset, summary)
+        if cfg.train.extra_arguments.get("push_to_hub"):
+            from mfpo_train.trainer import push_model
 
-                log.info("train: model pushed: %s", push_model(cfg.train, out / "final"))
+            log.info("train: model pushed: %s", push_model(cfg.train, out / "final"))
     return summary
+
+
+def upload_log(cfg: Any) -> None:
+    """The training log to an object-store output (it is written in the mirror, and never pulled)."""
+    _, location = locations(cfg)
+    log_file = paths(cfg)[1] / "train.log"
+    if is_uri(location) and lead() and log_file.is_file():
+        Store(location).write_bytes("train.log", log_file.read_bytes())
 
 
 def train_status(cfg: Any) -> list[dict[str, Any]]:
@@ -134,6 +204,9 @@ def train_status(cfg: Any) -> list[dict[str, Any]]:
             for k, b in enumerate(names)
         ]
     plans: list[StagePlan] = plan_stages(cfg.train, fingerprint)
+    _, location = locations(cfg)
+    if is_uri(location):
+        Store(location).pull(only=lambda rel: rel.rsplit("/", 1)[-1] in _RECORDS)
     return status(out, plans)
 
 

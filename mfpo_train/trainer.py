@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -141,11 +142,17 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
 
 
 class _Commit(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it: resume trusts only marked ones."""
+    """Marks a checkpoint complete once the Trainer has written all of it: resume trusts only marked ones.
+    With an object-store output, `publish` then uploads it (the marker last)."""
+
+    def __init__(self, publish: Callable[[], None] | None) -> None:
+        self.publish = publish
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             records.commit_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            if self.publish is not None:
+                self.publish()
 
 
 class _StepLog(TrainerCallback):
@@ -276,9 +283,17 @@ def is_lead() -> bool:
     return lead()  # before the process group exists: the launcher's RANK
 
 
-def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, plans: list[records.StagePlan]) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    dataset_dir: Path,
+    out: Path,
+    seed: int,
+    plans: list[records.StagePlan],
+    publish: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Run the curriculum into `out` (prepared by `records.prepare_output`); finished stages whose fingerprint
-    matches are loaded, a started one continues from its last complete checkpoint. Returns the summary."""
+    matches are loaded, a started one continues from its last complete checkpoint. Returns the summary.
+    `publish` (rank 0, object-store outputs) is called after each record and checkpoint is written."""
     from accelerate import PartialState
     from transformers import set_seed
 
@@ -318,7 +333,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, plans: list
                 eval_dataset=RowsDataset(eval_ds, list(range(len(eval_ds)))) if eval_ds is not None else None,
                 data_collator=collator,
                 weights=weights,
-                callbacks=[_Commit(), _StepLog(plan.name)],
+                callbacks=[_Commit(publish if lead else None), _StepLog(plan.name)],
             )
         )
     steps = [t.set_initial_training_values(t.args, t.get_train_dataloader())[-1] if t else 0 for t in trainers]
@@ -346,6 +361,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, plans: list
         }
         if lead:
             write_json(folder / "_started.json", record)
+            _call(publish)
         if trainer is None:
             log.warning("train: bucket %s has no rows; nothing to train in %s", plan.bucket, plan.name)
             record.update(rows=0, sample_ids=[], steps=0, train_loss=float("nan"), last_metrics={})
@@ -382,12 +398,18 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, seed: int, plans: list
             carry = folder / "optimizer.pt"
         if lead:
             write_json(folder / "stage.json", record)  # the commit point of the stage
+            _call(publish)
         summary["stages"].append(record)
     if lead:
         final = out / "final"
         _unwrap(model).save_pretrained(final)
         processor.save_pretrained(final)
     return summary
+
+
+def _call(publish: Callable[[], None] | None) -> None:
+    if publish is not None:
+        publish()
 
 
 def _refresh(model: Any, collator: MFPOCollator, subset: RowsDataset, saved: Path, lead: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -130,7 +131,7 @@ def train(
     if cfg.train is None:
         _say("config error", "no `train:` section in the config (see pipeline.yaml)")
         raise typer.Exit(2)
-    from mfpo_train.command import lead, paths, run_train
+    from mfpo_train.command import lead, paths, run_train, upload_log
     from mfpo_train.records import TrainRefused
 
     _, out = paths(cfg)
@@ -162,6 +163,8 @@ def train(
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
+            with contextlib.suppress(Exception):  # the run's own error, if any, is what the user needs
+                upload_log(cfg)
     if not lead():
         return
     for stage in summary["stages"]:

@@ -173,9 +173,9 @@ class RayExecutor:
         # run again, a bounded number of times: a shard's output depends on its input only, and is written
         # atomically, so the retry gives the same bytes.
         retries = self.config.max_retries
-        actor_cls = ray.remote(
-            num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=retries, max_task_retries=retries
-        )(_ShardActor)
+        actor_cls = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=retries, max_task_retries=retries)(
+            _ShardActor
+        )
         actors = [actor_cls.remote(spec) for _ in range(size)]
         log.info("stage %s: %d Ray actor(s), %.2g CPU / %.2g GPU each", spec.name, size, res.cpus, res.gpus)
         idle = list(actors)

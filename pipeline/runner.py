@@ -331,8 +331,7 @@ class Runner:
                 for col in wanted:
                     by_stage.setdefault(producers[col], []).append(col)
                 task.parts = [
-                    InputPart(self.stage(p).output_path(k, num_shards), tuple(cols))
-                    for p, cols in by_stage.items()
+                    InputPart(self.stage(p).output_path(k, num_shards), tuple(cols)) for p, cols in by_stage.items()
                 ]
             yield task
 

@@ -153,14 +153,45 @@ def mirror_dir(location: str) -> Path:
     return cache_dir() / "runs" / hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
 
 
+# Files of a mirror that stay on their machine: the lease, the sync manifest, per-machine caches, logs
+# (uploaded by whoever writes them) and temporary files.
+SYNC_MANIFEST = ".mfpo-sync.json"
+_LOCAL_ONLY = {".lock", SYNC_MANIFEST, "_cache", "run.log", "train.log"}
+
+
+def _local_only(rel: str) -> bool:
+    return rel.split("/", 1)[0] in _LOCAL_ONLY or ".tmp-" in rel.rsplit("/", 1)[-1]
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _version(info: dict[str, Any]) -> str:
+    """What changes when an object is rewritten (S3 ETag, GCS md5 or generation, else a modification time)."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key):
+            return str(info[key])
+    return ""
+
+
+def _prune_empty(folder: Path) -> None:
+    if folder.is_dir():
+        for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only succeeds when empty
+
+
 def _snapshot(root: Path, folders: tuple[str, ...] | list[str]) -> dict[str, tuple[int, int]]:
+    """rel path -> (size, mtime_ns) of the files under `folders` of a local folder ("": all of it)."""
     out: dict[str, tuple[int, int]] = {}
     for folder in folders:
         if (root / folder).is_dir():
             for f in (root / folder).rglob("*"):
                 if f.is_file() and ".tmp-" not in f.name:
                     st = f.stat()
-                    out[str(f.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+                    out[f.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
     return out
 
 
@@ -263,34 +294,99 @@ class Store:
     @contextlib.contextmanager
     def local_view(self, folders: tuple[str, ...] | list[str]) -> Iterator[Path]:
         """A local folder holding `folders` of this store, for code that reads files (the card, preview,
-        push, training). Local stores: the folder itself. Object stores: the mirror, brought up to date
-        (missing or changed files downloaded, files the store no longer has removed); files the caller
-        adds or changes there are uploaded when the block ends without error."""
+        push). Local stores: the folder itself. Object stores: the mirror, brought up to date (`pull`); files
+        the caller adds or changes there are uploaded when the block ends without error."""
         if self.root is not None:
             yield self.root
             return
-        mirror = self.mirror()
-        for folder in folders:
-            remote: dict[str, int] = {}
-            self.fs.invalidate_cache()
-            for path, info in self.fs.find(self._path(folder), detail=True).items():
-                remote[path[len(self._root) + 1 :]] = int(info.get("size") or 0)
-            local_folder = mirror / folder
-            if local_folder.is_dir():
-                for f in local_folder.rglob("*"):
-                    if f.is_file() and str(f.relative_to(mirror)) not in remote:
-                        f.unlink()
-            for rel, size in remote.items():
-                target = mirror / rel
-                if not target.is_file() or target.stat().st_size != size:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    data = self.read_bytes(rel)
-                    atomic_write(target, lambda tmp, data=data: tmp.write_bytes(data))
-        before = _snapshot(mirror, folders)
+        mirror = self.pull(folders)
         yield mirror
-        for rel, stamp in _snapshot(mirror, folders).items():
-            if before.get(rel) != stamp:
-                self.write_bytes(rel, (mirror / rel).read_bytes())
+        self.push(folders, delete=False)
+
+    # ------------------------------------------------------------------ mirror sync
+    # fsspec has no folder sync that compares versions (its `get`/`put` copy everything, and a same-sized
+    # rewrite of a small record looks unchanged by size alone): the mirror keeps a manifest of what it last
+    # saw on each side, so a sync moves only what changed, in either direction.
+    def _listing(self, folders: tuple[str, ...] | list[str]) -> dict[str, list[Any]]:
+        """rel path -> [size, version] of the store's files under `folders` (version: ETag, md5, mtime...)."""
+        self.fs.invalidate_cache()
+        found: dict[str, list[Any]] = {}
+        for folder in folders:
+            try:
+                entries = self.fs.find(self._path(folder), detail=True)
+            except FileNotFoundError:
+                continue
+            for path, info in entries.items():
+                rel = path[len(self._root) + 1 :]
+                if info.get("type") != "directory" and not _local_only(rel):
+                    found[rel] = [int(info.get("size") or 0), _version(info)]
+        return found
+
+    def _manifest(self) -> dict[str, dict[str, list[Any]]]:
+        try:
+            return json.loads((self.mirror() / SYNC_MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def _save_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json(self.mirror() / SYNC_MANIFEST, manifest)
+
+    def pull(self, folders: tuple[str, ...] | list[str] = ("",), only: Callable[[str], bool] | None = None) -> Path:
+        """Make the mirror's `folders` ("": everything) equal to the store's: files that are new or changed on
+        either side since the last sync are downloaded, files the store no longer has are removed (with
+        their empty folders). `only(rel)` limits it to some files (e.g. the small records). Returns the
+        mirror (for a local store: the store's own folder, untouched)."""
+        mirror = self.mirror()
+        if self.root is not None:
+            return mirror
+        wanted = only or (lambda rel: True)
+        manifest = self._manifest()
+        remote = {rel: v for rel, v in self._listing(folders).items() if wanted(rel)}
+        for rel in _snapshot(mirror, folders):
+            if rel not in remote and wanted(rel) and not _local_only(rel):
+                (mirror / rel).unlink()
+                manifest.pop(rel, None)
+        for folder in folders:
+            _prune_empty(mirror / folder)
+        for rel, version in remote.items():
+            target = mirror / rel
+            entry = manifest.get(rel)
+            if target.is_file() and entry == {"remote": version, "local": _stamp(target)}:
+                continue
+            atomic_write(target, lambda tmp, rel=rel: self.fs.get_file(self._path(rel), str(tmp)))
+            manifest[rel] = {"remote": version, "local": _stamp(target)}
+        self._save_manifest(manifest)
+        return mirror
+
+    def push(
+        self, folders: tuple[str, ...] | list[str] = ("",), last: tuple[str, ...] = (), delete: bool = True
+    ) -> None:
+        """Make the store's `folders` equal to the mirror's: files new or changed in the mirror are uploaded,
+        and (delete=True) files the mirror no longer has are deleted. Files named in `last` (commit markers)
+        are uploaded after, and deleted before, everything else, so a marker in the store always has its
+        files beside it, even if the push is cut off half way."""
+        if self.root is not None:
+            return
+        mirror = self.mirror()
+        manifest = self._manifest()
+        remote = self._listing(folders)
+        local = {rel: list(stamp) for rel, stamp in _snapshot(mirror, folders).items() if not _local_only(rel)}
+
+        def is_marker(rel: str) -> bool:
+            return rel.rsplit("/", 1)[-1] in last
+
+        if delete:
+            for rel in sorted((r for r in remote if r not in local), key=lambda r: not is_marker(r)):
+                self.remove(rel)
+                manifest.pop(rel, None)
+        for rel in sorted(local, key=is_marker):
+            entry = manifest.get(rel)
+            if entry == {"remote": remote.get(rel), "local": local[rel]}:
+                continue
+            self.fs.put_file(str(mirror / rel), self._path(rel))
+            info = self.fs.info(self._path(rel))
+            manifest[rel] = {"remote": [int(info.get("size") or 0), _version(info)], "local": local[rel]}
+        self._save_manifest(manifest)
 
     # ------------------------------------------------------------------ Parquet
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:

@@ -58,7 +58,7 @@ def test_bad_value_names_the_key(key, value, expected):
 def test_missing_source_names_key_and_fix():
     raw = _with("stages.ingest", {})
     msg = _error(raw)
-    assert "stages.ingest.source: required key is missing (Hub dataset id, or a .jsonl/.json/.parquet file or folder" in msg
+    assert "stages.ingest.source: required key is missing (Hub dataset id, or a .jsonl/.json/.parquet file" in msg
 
 
 def test_unknown_stage_and_order():

@@ -132,6 +132,48 @@ def test_conditional_writes_are_atomic(s3, monkeypatch):
     assert store.read_bytes("x") == b"3"
 
 
+def test_training_into_s3_resumes_on_another_machine_after_a_kill(trained, s3, tmp_path):
+    """`train.output_dir: s3://...`: checkpoints and stage records reach the bucket as they are written, commit
+    markers last; a training SIGKILLed after two checkpoints resumes from the bucket alone (a new, empty local
+    mirror: another machine) and ends with the weights of an uninterrupted local training."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = str(trained[0].parent / "cfg.yaml")
+    common = ["--set", "train.save_steps=1", "--set", "train.curriculum.epochs_per_stage=2"]
+    cli("train", cfg, "--set", f"train.output_dir={tmp_path / 'straight'}", *common, check=True)
+    target = ["--set", f"train.output_dir=s3://{BUCKET}/trained", *common]
+    env = {**os.environ, **s3, "MFPO_CACHE": str(tmp_path / "machine-1")}
+    run_and_kill(
+        ["train", cfg, *target],
+        lambda: sum(k.endswith("/.committed") for k in s3_keys(s3, BUCKET, "trained")),
+        2,
+        env,
+        0.05,
+    )
+    before = s3_objects(s3, BUCKET, "trained")
+    assert "final/adapter_model.safetensors" not in before, "killed before the end"
+    for marker in (k for k in before if k.endswith("/.committed")):  # what is marked is whole
+        assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= {
+            k.rsplit("/", 1)[1] for k in before if k.startswith(marker.rsplit("/", 1)[0] + "/")
+        }
+    env["MFPO_CACHE"] = str(tmp_path / "machine-2")
+    proc = cli("train", cfg, "--resume", *target, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from checkpoint-" in proc.stderr or "already done" in proc.stderr
+    after = s3_objects(s3, BUCKET, "trained")
+    assert "train.log" in after and ".lock" not in after and not any("_cache" in k for k in after)
+    straight = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))
+    (tmp_path / "remote.safetensors").write_bytes(after["final/adapter_model.safetensors"])
+    remote = load_file(str(tmp_path / "remote.safetensors"))
+    for k in straight:
+        torch.testing.assert_close(straight[k], remote[k], rtol=0, atol=1e-6)
+    status = cli("status", cfg, "--json", *target, env={**env, "MFPO_CACHE": str(tmp_path / "machine-3")})
+    assert {s["state"] for s in json.loads(status.stdout)["train"]} == {"done"}
+    refused = cli("train", cfg, "--resume", *target, "--set", "train.ray.num_workers=2", env=env)
+    assert refused.returncode == 2 and "refused: train.ray.num_workers: Ray Train workers" in refused.stderr
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
