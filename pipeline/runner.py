@@ -317,7 +317,6 @@ class Runner:
                 num_shards=num_shards,
                 rows_in=rows_of[k],
                 store=self.layout.store,
-                output=stage.output_path(k, num_shards),
                 quarantine=self.layout.quarantine_path(name, k),
                 columns=tuple(wanted),
             )

@@ -153,6 +153,13 @@ class Stage(ABC):
         """Folder holding this stage's data shards (wiped when the stage is redone)."""
         return self.name
 
+    def output_files(self, table: pa.Table, shard: int, num_shards: int) -> list[tuple[str, pa.Table]]:
+        """The files a shard's kept rows are written as: (path relative to the run's output, rows). One file,
+        `output_path`, by default; a stage may spread its rows over several (the write stage's splits). The
+        same files must be written whatever the rows (empty ones too), so a redone shard leaves none behind.
+        Later stages read `output_path`: only a last stage may split."""
+        return [(self.output_path(shard, num_shards), table)]
+
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release what setup() opened (worker processes, sockets), once per worker when its work is done."""
 

@@ -6,6 +6,7 @@ the same bytes. The completion record is written by the driver once this returns
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ class ShardTask:
     num_shards: int
     rows_in: int
     store: Store  # the run's output folder or bucket: the worker opens it itself
-    output: str  # path of the output shard, relative to the store
     quarantine: str  # path of the quarantine shard, relative to the store
     plan: pa.Table | None = None  # source stages: this shard's slice of the plan
     survivors: str | None = None  # previous stage's shard: its sample_ids are the rows to process
@@ -105,7 +105,12 @@ def run_shard(stage: Stage, task: ShardTask, on_rows: Callable[[int], None] | No
         task.store.write_parquet(task.quarantine, _quarantine_table(stage.name, rejected))
     else:
         task.store.remove(task.quarantine)  # left by an earlier attempt of a redone stage
-    sha = task.store.write_parquet(task.output, out.combine_chunks())
+    shas = [
+        task.store.write_parquet(path, part)
+        for path, part in stage.output_files(out.combine_chunks(), task.shard, task.num_shards)
+    ]
+    # One file: its hash (what every record held before stages could split); several: a hash of their hashes.
+    sha = shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
     reasons: dict[str, int] = {}
     for r in rejected:
         kind = reason_kind(r.reason)

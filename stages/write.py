@@ -1,19 +1,25 @@
 """write: every column so far -> the final dataset under `<output_dir>/dataset/`.
 
-Shards `data/<split>-XXXXX-of-YYYYY.parquet` (one per input shard) carry the Hugging Face `datasets`
+Shards `data/<split>-XXXXX-of-YYYYY.parquet` (one per input shard and split) carry the Hugging Face `datasets`
 feature metadata, so `load_dataset("parquet", ...)` decodes images as `datasets.Image`. Columns: the TRL
 vision-preference ones (`images`, conversational `prompt`/`chosen`/`rejected`), the plain texts
 (`question`, `chosen_text`, `rejected_text`) and every other column earlier stages produced. Image
 columns (stored as datasets Image structs by the stages) become Image features. The dataset card and
 its pictures are made at the end of the run, from the finished shards (mfpo_publish).
+
+`splits: {train: 0.95, test: 0.05}` holds rows out: a row's split is fixed by a hash of its `sample_id`
+alone, so it is the same in every run, resume and shard size, and no `sample_id` is in two splits.
+Training reads `train`; `python -m pipeline eval` reads `test`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import Field
+import pyarrow.compute as pc
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.registry import register
 from pipeline.stage import ALL_COLUMNS, IMAGE_TYPE, PROVENANCE_PREFIX, BatchResult, Stage, StageConfig
@@ -29,7 +35,11 @@ CARD_FIELDS = {"card", "pretty_name", "license"}
 
 
 class WriteConfig(StageConfig):
-    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$", description="Split name in the shard names.")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$", description="Split name of an unsplit dataset.")
+    splits: dict[str, float] | None = Field(
+        None,
+        description="Split name -> fraction of the rows, e.g. {train: 0.95, test: 0.05}, by a hash of sample_id.",
+    )
     card: bool = Field(True, description="Write dataset/README.md (a Hub dataset card) and its pictures.")
     pretty_name: str | None = Field(None, description="Title of the dataset card; default: run name.")
     license: str | None = Field(
@@ -37,7 +47,41 @@ class WriteConfig(StageConfig):
     )
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"resources", *CARD_FIELDS})
+        return self.model_dump(mode="json", exclude={"resources", *CARD_FIELDS, *(() if self.splits else ("splits",))})
+
+    @field_validator("splits")
+    @classmethod
+    def _fractions(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        bad = [name for name in value if not name.replace("_", "").isalnum() or not name.isascii()]
+        if bad:
+            raise ValueError(f"split names are letters, digits and _ (got {bad[0]!r})")
+        if not value or any(not 0 < f <= 1 for f in value.values()):
+            raise ValueError("each split's fraction is in (0, 1], e.g. {train: 0.95, test: 0.05}")
+        if abs(sum(value.values()) - 1) > 1e-6:
+            raise ValueError(f"the fractions add up to {sum(value.values()):g}, not 1")
+        if "train" not in value:
+            raise ValueError("one split is `train` (what training reads)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> WriteConfig:
+        if self.splits is not None and self.split != "train":
+            raise ValueError("set either `split` (one split) or `splits` (fractions), not both")
+        return self
+
+
+def split_of(sample_id: str, splits: dict[str, float]) -> str:
+    """The split a row belongs to: where a hash of its sample_id falls among the cumulative fractions (in the
+    order given). The hash, not the row's position, decides: stable across runs, resumes and shard sizes."""
+    point = int.from_bytes(hashlib.sha256(sample_id.encode("utf-8")).digest()[:8], "big") / 2**64
+    edge = 0.0
+    for name, fraction in splits.items():
+        edge += fraction
+        if point < edge:
+            return name
+    return next(reversed(splits))  # rounding: the last split takes the top of [0, 1)
 
 
 @register
@@ -54,6 +98,18 @@ class Write(Stage):
 
     def output_root(self) -> str:
         return "dataset"
+
+    def output_files(self, table: pa.Table, shard: int, num_shards: int) -> list[tuple[str, pa.Table]]:
+        if not self.config.splits:
+            return [(self.output_path(shard, num_shards), table)]
+        names = [split_of(sid, self.config.splits) for sid in table.column("sample_id").to_pylist()]
+        which = pa.array(names, pa.string())
+        files = []
+        for name in self.config.splits:
+            files.append(
+                (f"dataset/data/{name}-{shard:05d}-of-{num_shards:05d}.parquet", table.filter(pc.equal(which, name)))
+            )
+        return files
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         import datasets

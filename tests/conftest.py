@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SAMPLE_JSONL, TRAIN, cli, publishable_source, publishable_stages, scored_stages, write_config
+from helpers import (
+    CHECKPOINTED,
+    SAMPLE_JSONL,
+    TRAIN,
+    cli,
+    publishable_source,
+    publishable_stages,
+    scored_stages,
+    write_config,
+)
 from tiny_models import save_tiny_llava
 
 
@@ -24,6 +33,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cli("run", str(cfg), check=True)
     cli("train", str(cfg), check=True)
     return root / "out", root / "out" / "train"
+
+
+@pytest.fixture(scope="session")
+def checkpointed(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted training of `trained`'s dataset with CHECKPOINTED settings: its output folder."""
+    out = tmp_path_factory.mktemp("checkpointed") / "train"
+    cli("train", str(trained[0].parent / "cfg.yaml"), "--set", f"train.output_dir={out}", *CHECKPOINTED, check=True)
+    return out
 
 
 @pytest.fixture(scope="session")

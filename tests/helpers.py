@@ -22,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_JSONL = REPO / "examples" / "data" / "rlhfv_sample" / "train.jsonl"
 
 
+# Two epochs per stage, a checkpoint at every step: trainings with checkpoints to cut at.
+CHECKPOINTED = ["--set", "train.save_steps=1", "--set", "train.curriculum.epochs_per_stage=2"]
+
+
 def photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
     """A smooth, deterministic RGB picture (gradients plus a disc), small enough for fast tests."""
     rng = np.random.default_rng(seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cluster import cluster_env, ray_cluster, s3_keys, s3_objects, s3_server
-from helpers import cli, run_and_kill, tree
+from helpers import CHECKPOINTED, cli, run_and_kill, tree
 from tiny_models import save_tiny_llava
 
 BUCKET = "mfpo"
@@ -60,23 +60,12 @@ def _committed(files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 @pytest.mark.ray
-def test_s3_output_on_two_nodes_matches_a_local_run(cluster, s3, model: Path, local_run: dict[str, bytes]):
-    address, env = cluster
-    proc = cli("run", "examples/quickstart.yaml", *_sets(f"s3://{BUCKET}/full", model, address=address), env=env)
-    assert proc.returncode == 0, proc.stderr
-    objects = s3_objects(s3, BUCKET, "full")
-    assert _committed(objects) == local_run
-    assert "dataset/README.md" in objects and "run.log" in objects  # the card and the log went to the bucket
-    assert ".lock" not in objects  # the lease is released
-    status = cli("status", "examples/quickstart.yaml", "--json", *_sets(f"s3://{BUCKET}/full", model), env=env)
-    stages = json.loads(status.stdout)["stages"]
-    assert {s["state"] for s in stages} == {"done"}
-    secret = s3["AWS_SECRET_ACCESS_KEY"]
-    assert all(secret.encode() not in data for data in objects.values()), "a credential was written to the bucket"
-
-
-@pytest.mark.ray
-def test_driver_killed_then_resumed_on_s3(cluster, s3, model: Path, local_run: dict[str, bytes]):
+def test_s3_output_on_two_nodes_resumes_after_a_kill_to_the_bytes_of_a_local_run(
+    cluster, s3, model: Path, local_run: dict[str, bytes]
+):
+    """One run on the two-node cluster, its driver SIGKILLed after ten commits and resumed: the committed
+    shards and records equal a local run's, the card and the log are in the bucket, the lease is gone, and
+    no credential was written anywhere."""
     address, env = cluster
     args = ["run", "examples/quickstart.yaml", *_sets(f"s3://{BUCKET}/killed", model, address=address)]
     run_and_kill(args, lambda: sum("/_commits/" in k for k in s3_keys(s3, BUCKET, "killed")), 10, env, poll_s=0.05)
@@ -84,7 +73,14 @@ def test_driver_killed_then_resumed_on_s3(cluster, s3, model: Path, local_run: d
     assert ".lock" in before and "dataset/README.md" not in before, "killed in the middle of the run"
     resumed = cli("run", "examples/quickstart.yaml", *args[2:], env=env)
     assert resumed.returncode == 0, resumed.stderr
-    assert _committed(s3_objects(s3, BUCKET, "killed")) == local_run
+    objects = s3_objects(s3, BUCKET, "killed")
+    assert _committed(objects) == local_run
+    assert "dataset/README.md" in objects and "run.log" in objects  # the card and the log went to the bucket
+    assert ".lock" not in objects  # the lease is released
+    status = cli("status", "examples/quickstart.yaml", "--json", *_sets(f"s3://{BUCKET}/killed", model), env=env)
+    assert {s["state"] for s in json.loads(status.stdout)["stages"]} == {"done"}
+    secret = s3["AWS_SECRET_ACCESS_KEY"]
+    assert all(secret.encode() not in data for data in objects.values()), "a credential was written to the bucket"
 
 
 def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(s3, tmp_path: Path, monkeypatch):
@@ -132,7 +128,7 @@ def test_conditional_writes_are_atomic(s3, monkeypatch):
     assert store.read_bytes("x") == b"3"
 
 
-def test_training_into_s3_resumes_on_another_machine_after_a_kill(trained, s3, tmp_path):
+def test_training_into_s3_resumes_on_another_machine_after_a_kill(trained, checkpointed, s3, tmp_path):
     """`train.output_dir: s3://...`: checkpoints and stage records reach the bucket as they are written, commit
     markers last; a training SIGKILLed after two checkpoints resumes from the bucket alone (a new, empty local
     mirror: another machine) and ends with the weights of an uninterrupted local training."""
@@ -140,9 +136,7 @@ def test_training_into_s3_resumes_on_another_machine_after_a_kill(trained, s3, t
     from safetensors.torch import load_file
 
     cfg = str(trained[0].parent / "cfg.yaml")
-    common = ["--set", "train.save_steps=1", "--set", "train.curriculum.epochs_per_stage=2"]
-    cli("train", cfg, "--set", f"train.output_dir={tmp_path / 'straight'}", *common, check=True)
-    target = ["--set", f"train.output_dir=s3://{BUCKET}/trained", *common]
+    target = ["--set", f"train.output_dir=s3://{BUCKET}/trained", *CHECKPOINTED]
     env = {**os.environ, **s3, "MFPO_CACHE": str(tmp_path / "machine-1")}
     run_and_kill(
         ["train", cfg, *target],
@@ -163,7 +157,7 @@ def test_training_into_s3_resumes_on_another_machine_after_a_kill(trained, s3, t
     assert "resuming from checkpoint-" in proc.stderr or "already done" in proc.stderr
     after = s3_objects(s3, BUCKET, "trained")
     assert "train.log" in after and ".lock" not in after and not any("_cache" in k for k in after)
-    straight = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))
+    straight = load_file(str(checkpointed / "final" / "adapter_model.safetensors"))
     (tmp_path / "remote.safetensors").write_bytes(after["final/adapter_model.safetensors"])
     remote = load_file(str(tmp_path / "remote.safetensors"))
     for k in straight:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import REPO, TRAIN, cli
+from helpers import CHECKPOINTED, REPO, TRAIN, cli
 from safetensors.torch import load_file
 from tiny_models import save_tiny_llava
 
@@ -118,12 +118,11 @@ def test_concurrent_train_run_and_train_are_refused(trained, tmp_path):
         assert proc.returncode == 1 and "another run, push or train is using" in proc.stderr
 
 
-def test_an_incomplete_checkpoint_is_ignored_on_resume(trained, tmp_path):
+def test_an_incomplete_checkpoint_is_ignored_on_resume(trained, checkpointed, tmp_path):
     """A kill while the Trainer writes checkpoint-N leaves a partial folder: --resume uses the last complete
     checkpoint and ends with the weights of an uninterrupted run."""
     cfg = _cfg(trained)
-    common = ["--set", "train.save_steps=1", "--set", "train.curriculum.epochs_per_stage=2"]
-    cli("train", str(cfg), "--set", f"train.output_dir={tmp_path / 'straight'}", *common, check=True)
+    common = CHECKPOINTED
     target = tmp_path / "cut"
     cli("train", str(cfg), "--set", f"train.output_dir={target}", *common, check=True)
     # Undo the end of the last stage as a kill during its last checkpoint would have left it.
@@ -137,7 +136,7 @@ def test_an_incomplete_checkpoint_is_ignored_on_resume(trained, tmp_path):
     proc = cli("train", str(cfg), "--resume", "--set", f"train.output_dir={target}", *common, check=True)
     assert f"ignoring incomplete stage-2-hard/{last.name}" in proc.stderr
     assert "resuming from checkpoint-" in proc.stderr
-    a, b = _adapter(tmp_path / "straight"), _adapter(target)
+    a, b = _adapter(checkpointed), _adapter(target)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
