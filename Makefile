@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(PY) -m pipeline run examples/quickstart.yaml
 	$(PY) -m pipeline status examples/quickstart.yaml
 	$(PY) -m pipeline train examples/quickstart.yaml --resume
+	$(PY) -m pipeline eval examples/quickstart.yaml
 	$(PY) -m pipeline preview examples/quickstart.yaml
 
 lint: $(STAMP)

@@ -56,14 +56,15 @@ def sensitivity_metrics(
     clean: Sequence[float], key_noised: Sequence[float], random_noised: Sequence[float]
 ) -> dict[str, float | None]:
     """Mean drop of log p(y_w|·) when the key region is noised and when a random region of the same area is;
-    their ratio (None when the random drop is 0: a model that ignores the image has no ratio to speak of)."""
+    their ratio (None when the random drop is below 1e-6 nats: a model that ignores the image has no ratio to
+    speak of, only rounding noise)."""
     c, k, r = (np.asarray(x, dtype=np.float64) for x in (clean, key_noised, random_noised))
     key_drop, random_drop = float(np.mean(c - k)), float(np.mean(c - r))
     return {
         "rows": int(c.size),
         "key_region_drop": key_drop,
         "random_region_drop": random_drop,
-        "ratio": key_drop / random_drop if random_drop != 0 else None,
+        "ratio": key_drop / random_drop if abs(random_drop) > 1e-6 else None,
     }
 
 

@@ -31,12 +31,13 @@ def shards(dataset_dir: Path) -> list[Path]:
 
 
 def splits(dataset_dir: Path) -> dict[str, list[Path]]:
-    """Split name -> its shards, from the `<split>-XXXXX-of-YYYYY.parquet` names."""
+    """Split name -> its shards, from the `<split>-XXXXX-of-YYYYY.parquet` names; `train` first (the split the
+    Hub's viewer and `load_dataset` users meet first), the others by name."""
     out: dict[str, list[Path]] = {}
     for f in shards(dataset_dir):
         m = SHARD_NAME.match(f.name)
         out.setdefault(m.group("split") if m else "train", []).append(f)
-    return out
+    return dict(sorted(out.items(), key=lambda item: (item[0] != "train", item[0])))
 
 
 def column_names(dataset_dir: Path) -> list[str]:

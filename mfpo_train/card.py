@@ -12,7 +12,15 @@ import yaml
 _TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 
 
-def write_model_card(folder: Path, cfg: Any, dataset_dir: Path, summary: dict[str, Any]) -> None:
+def write_model_card(
+    folder: Path,
+    cfg: Any,
+    dataset_dir: Path,
+    summary: dict[str, Any],
+    evaluation: tuple[str, str, str] | None = None,
+) -> None:
+    """`evaluation`: (Markdown table, split, plot file beside the card) from `eval --stages`, which rewrites the
+    card with it; a card written by training has none until its stages are evaluated."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from mfpo_train.data import read_reference
@@ -48,6 +56,7 @@ def write_model_card(folder: Path, cfg: Any, dataset_dir: Path, summary: dict[st
         finetune=train.finetune,
         stages=stages,
         config_yaml=yaml.safe_dump(json.loads(train.model_dump_json()), sort_keys=False).strip(),
+        evaluation=evaluation,
     )
     folder.mkdir(parents=True, exist_ok=True)
     card.save(folder / "README.md")

@@ -148,6 +148,14 @@ def _train_locked(
 
     if lead():
         check_reference(cfg.train, dataset)
+    if cfg.train.eval_after_each_stage:
+        from mfpo_train.data import splits
+
+        if cfg.eval.split not in splits(dataset):
+            raise TrainRefused(
+                f"train.eval_after_each_stage: the dataset has no `{cfg.eval.split}` split to evaluate on; hold rows "
+                "out with stages.write.splits: {train: 0.95, test: 0.05}, or set eval.split"
+            )
     ray_workers = cfg.train.ray.num_workers
     here = {"world_size": ray_workers, "device": None} if ray_workers else world()
     if lead():
@@ -171,6 +179,10 @@ def _train_locked(
         from mfpo_train.card import write_model_card
 
         write_model_card(out / "final", cfg, dataset, summary)
+        if cfg.train.eval_after_each_stage:
+            from mfpo_eval.command import run_eval
+
+            run_eval(cfg, None, None, stages=True)  # rewrites the card with the before/after table
         if cfg.train.extra_arguments.get("push_to_hub"):
             from mfpo_train.trainer import push_model
 

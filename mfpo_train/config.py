@@ -83,6 +83,7 @@ MANAGED_ARGUMENTS = {
 SPEED_ONLY = {
     "output_dir",
     "dataset_dir",
+    "eval_after_each_stage",
     "logging_steps",
     "save_steps",
     "report_to",
@@ -134,6 +135,9 @@ class TrainConfig(StrictModel):
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, ... (transformers names).")
     system_prompt: str | None = None
     ray: RayTrainSettings = Field(default_factory=RayTrainSettings)
+    eval_after_each_stage: bool = Field(
+        False, description="After training: `eval --stages` (the reference model and every stage) on eval.split."
+    )
 
     @model_validator(mode="after")
     def _lora_needs_targets(self) -> TrainConfig:

@@ -63,8 +63,9 @@ def dataset_fingerprint(dataset_dir: Path, shard_hashes: list[str] | None = None
     return stable_hash(shard_hashes, length=16)
 
 
-def open_split(dataset_dir: Path, split: str, cache_dir: Path) -> Any:
-    """The split as a memory-mapped `datasets.Dataset` of the columns training needs; images stay encoded."""
+def open_split(dataset_dir: Path, split: str, cache_dir: Path, columns: tuple[str, ...] = COLUMNS) -> Any:
+    """The split as a memory-mapped `datasets.Dataset` of `columns` (default: those training needs); images
+    stay encoded."""
     import datasets
 
     files = [str(f) for f in shard_files(dataset_dir, split)]
@@ -72,7 +73,7 @@ def open_split(dataset_dir: Path, split: str, cache_dir: Path) -> Any:
         raise PipelineError(f"no `{split}` split under {Path(dataset_dir) / 'data'}")
     datasets.disable_progress_bars()
     ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, cache_dir=str(cache_dir))
-    return ds.select_columns(list(COLUMNS)).with_format("arrow")
+    return ds.select_columns([c for c in columns if c in ds.column_names]).with_format("arrow")
 
 
 def bucket_indices(ds: Any, order: list[str], all_at_once: bool) -> list[tuple[str, list[int]]]:

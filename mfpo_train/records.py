@@ -9,6 +9,8 @@ are complete, and what `train`, `train --resume` and `train --force` do with an 
       stage-K-<bucket>/final/               the weights after the stage
       stage-K-<bucket>/stage.json           the stage's record: the commit point of a finished stage
       final/                                the trained model, its processor and model card
+      eval/                                 `eval --stages`: per model results, table and plot (removed with
+                                            the weights it measured)
 
 A stage's fingerprint hashes the dataset's fingerprint, every training option that changes the weights
 and the fingerprint of the stage before it: changing an option or the data redoes that stage and every
@@ -120,7 +122,7 @@ def prepare_output(out: Path, plans: list[StagePlan], world: dict[str, Any], res
     stage_dirs = existing_stage_dirs(out)
     notes: list[str] = []
     if force:
-        for p in [*stage_dirs, out / "final"]:
+        for p in [*stage_dirs, out / "final", out / "eval"]:
             shutil.rmtree(p, ignore_errors=True)
         return [f"--force: removed {len(stage_dirs)} earlier stage folder(s)"] if stage_dirs else []
     states = [stage_state(out, p, world) for p in plans]
@@ -149,6 +151,7 @@ def prepare_output(out: Path, plans: list[StagePlan], world: dict[str, Any], res
             shutil.rmtree(d)
     if first_open < len(plans) or not (out / "final").exists():
         shutil.rmtree(out / "final", ignore_errors=True)
+        shutil.rmtree(out / "eval", ignore_errors=True)  # `eval --stages` results of weights being replaced
     for d in out.glob("stage-*/checkpoint-*"):
         if not (d / COMMITTED).exists():  # a kill while the Trainer was writing it
             notes.append(f"ignoring incomplete {d.relative_to(out)}")

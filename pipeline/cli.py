@@ -176,6 +176,44 @@ def train(
     Console().print(f"model saved to {out / 'final'}", highlight=False, soft_wrap=True)
 
 
+@app.command(name="eval")
+def evaluate(
+    config: ConfigArg,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Checkpoint or LoRA adapter folder, or Hub id (default: trained)")
+    ] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Dataset split (default eval.split: test)")] = None,
+    stages: Annotated[
+        bool, typer.Option("--stages", help="The reference model and every curriculum stage; table and plot")
+    ] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Does the model look at the image? Preference accuracies, an image-sensitivity probe and POPE questions."""
+    cfg = _load(config, overrides)
+    from mfpo_eval.command import run_eval
+
+    _console_logging()
+    _quiet_libraries(True)
+    try:
+        done = run_eval(cfg, model, split, stages)
+    except PipelineError as err:
+        _say("error", str(err))
+        raise typer.Exit(1) from None
+    console = Console()
+    for name, path in done:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        pref, sens = results["preference"], results["sensitivity"]
+        pope = ", ".join(f"{s} F1 {m['f1']:.3f}" for s, m in results["pope"].items())
+        ratio = "-" if sens["ratio"] is None else f"{sens['ratio']:.2f}"
+        console.print(
+            f"{name}: text pref. acc. {pref['text_preference_accuracy']:.3f}, image pref. acc. "
+            f"{pref['image_preference_accuracy']:.3f}, key/random drop {sens['key_region_drop']:.3f}/"
+            f"{sens['random_region_drop']:.3f} (ratio {ratio}); POPE {pope} -> {path}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def _quiet_libraries(lead: bool) -> None:
     """Library chatter off: transformers' and datasets' info lines and progress bars (our log has the steps);
     other ranks keep only errors."""

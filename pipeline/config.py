@@ -57,6 +57,7 @@ class _RawPipelineConfig(StrictModel):
     stages: dict[str, dict[str, Any] | None]
     train: dict[str, Any] | None = None
     push: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
 
 
 @dataclass
@@ -68,6 +69,7 @@ class PipelineConfig:
     source_path: Path | None = None
     train: Any = None  # mfpo_train.config.TrainConfig when the config has a `train:` section
     push: Any = None  # mfpo_publish.config.PushConfig (defaults when the config has no `push:` section)
+    eval: Any = None  # mfpo_eval.config.EvalConfig (defaults when the config has no `eval:` section)
 
     @property
     def output_location(self) -> str:
@@ -97,6 +99,8 @@ class PipelineConfig:
             out["train"] = self.train.model_dump(mode="json", exclude={"output_dir", "dataset_dir"})
         if self.push is not None:
             out["push"] = self.push.model_dump(mode="json")
+        if self.eval is not None:
+            out["eval"] = self.eval.model_dump(mode="json")
         return out
 
 
@@ -229,9 +233,16 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> PipelineConfig:
         push = PushConfig.model_validate(top.push or {})
     except ValidationError as err:
         problems.extend(_messages(err, PushConfig, ("push",)))
+    from mfpo_eval.config import EvalConfig  # pydantic only
+
+    evaluation = None
+    try:
+        evaluation = EvalConfig.model_validate(top.eval or {})
+    except ValidationError as err:
+        problems.extend(_messages(err, EvalConfig, ("eval",)))
     if problems:
         raise ConfigError(_format(origin, problems))
-    return PipelineConfig(run=top.run, stages=stages, train=train, push=push)
+    return PipelineConfig(run=top.run, stages=stages, train=train, push=push, eval=evaluation)
 
 
 def _check_order(stages: dict[str, StageConfig]) -> list[str]:

@@ -130,6 +130,22 @@ def test_shipped_configs_validate():
     from mfpo_publish.config import PushConfig
 
     assert set(documented) == set(PushConfig.model_fields)
+    # ... and every eval key, with its default.
+    import yaml
+
+    from mfpo_eval.config import EvalConfig
+
+    written = yaml.safe_load((REPO / "pipeline.yaml").read_text())["eval"]
+    assert set(written) == set(EvalConfig.model_fields)
+    assert EvalConfig.model_validate(written) == EvalConfig()
+
+
+def test_eval_section_is_validated(tmp_path: Path):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "src.jsonl", tmp_path / "out")
+    proc = cli("eval", str(cfg), "--set", "eval.pope.settings=[hardest]")
+    assert proc.returncode == 2 and "eval.pope.settings.0: Input should be 'random', 'popular' or 'adversarial'" in (
+        proc.stderr
+    ), proc.stderr
 
 
 def test_push_options_are_validated_before_any_work(tmp_path: Path):

@@ -30,6 +30,12 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _split(row: dict) -> str:
+    from stages.write import split_of
+
+    return split_of(str(row["idx"]), {"train": 0.75, "test": 0.25})
+
+
 def _source_rows() -> list[dict]:
     return [json.loads(line) for line in SAMPLE_JSONL.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -53,13 +59,18 @@ def test_one_row_per_valid_input_row(quickstart: Path):
     from datasets import List as ListFeature
     from datasets import load_dataset
 
-    files = sorted(str(p) for p in (quickstart / "dataset" / "data").glob("train-*-of-*.parquet"))
-    ds = load_dataset("parquet", data_files=files, split="train")
+    data = quickstart / "dataset" / "data"
+    files = {s: sorted(str(p) for p in data.glob(f"{s}-*-of-*.parquet")) for s in ("train", "test")}
+    ds = load_dataset("parquet", data_files=files)
     source = _source_rows()
-    assert len(ds) == len(source)
-    assert ds["sample_id"] == [str(r["idx"]) for r in source]
-    assert isinstance(ds.features["images"], ListFeature) and isinstance(ds.features["images"].feature, ImageFeature)
-    for row, src in zip(ds, source, strict=True):
+    for split in ("train", "test"):  # each row in the split its sample_id hashes to, in source order
+        assert ds[split]["sample_id"] == [str(r["idx"]) for r in source if _split(r) == split]
+    features = ds["train"].features
+    assert isinstance(features["images"], ListFeature) and isinstance(features["images"].feature, ImageFeature)
+    rows = {r["sample_id"]: r for split in ("train", "test") for r in ds[split]}
+    assert len(rows) == len(source)
+    for src in source:
+        row = rows[str(src["idx"])]
         text = json.loads(src["text"])
         assert row["prompt"] == [
             {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": text["question"]}]}
@@ -71,8 +82,9 @@ def test_one_row_per_valid_input_row(quickstart: Path):
         assert json.loads(row["meta"])["annotations"] == src["annotations"]
         assert row["boxes"] == [[float(v) for v in a["box"]] for a in src["annotations"]]
         assert row["perturbation"]["method"] == "diffusion-noise" and row["perturbation"]["fallback"] is None
-    assert isinstance(ds.features["rejected_image"], ImageFeature)
-    assert sorted(ds["bucket"]) == sorted(["easy"] * 9 + ["medium"] * 10 + ["hard"] * 9)
+    assert isinstance(features["rejected_image"], ImageFeature)
+    buckets = [r["bucket"] for r in rows.values()]
+    assert sorted(buckets) == sorted(["easy"] * 9 + ["medium"] * 10 + ["hard"] * 9)
 
 
 @pytest.mark.ray
@@ -100,9 +112,9 @@ def test_card_follows_the_hub_spec_and_embeds_its_pictures(quickstart: Path):
     root = quickstart / "dataset"
     card = DatasetCard.load(root / "README.md")
     data = card.data.to_dict()
-    n = len(_source_rows())
     assert data["pretty_name"] == "MFPO quickstart sample" and data["license"] == "unknown"
-    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
+    split_files = [{"split": s, "path": f"data/{s}-*"} for s in ("train", "test")]
+    assert data["configs"] == [{"config_name": "default", "data_files": split_files}]
     assert {"mfpo", "preference", "dpo", "multimodal", "vision-language"} <= set(data["tags"])
     assert data["task_categories"] == ["image-text-to-text"] and data["size_categories"] == ["n<1K"]
     assert data["source_datasets"] == ["original"]
@@ -110,7 +122,8 @@ def test_card_follows_the_hub_spec_and_embeds_its_pictures(quickstart: Path):
     info = DatasetInfosDict.from_dataset_card_data(card.data)["default"]
     shard = sorted((root / "data").glob("*.parquet"))[0]
     assert info.features == Features.from_arrow_schema(pq.read_schema(shard))
-    assert info.splits["train"].num_examples == n
+    counts = {s: sum(_split(r) == s for r in _source_rows()) for s in ("train", "test")}
+    assert counts["test"] > 0 and {s: info.splits[s].num_examples for s in counts} == counts
     # Pictures: embedded by relative path, committed next to the card.
     for picture in (
         "mfpo/sheet.png",
@@ -132,7 +145,7 @@ def test_card_follows_the_hub_spec_and_embeds_its_pictures(quickstart: Path):
     resolved = Runner(load_config(root / "mfpo" / "pipeline.yaml"))
     assert resolved.fingerprints() == original.fingerprints()
     summary = json.loads((root / "mfpo" / "summary.json").read_text())
-    assert summary["splits"] == {"train": n} and summary["buckets"] == {"easy": 9, "medium": 10, "hard": 9}
+    assert summary["splits"] == counts and summary["buckets"] == {"easy": 9, "medium": 10, "hard": 9}
 
 
 @pytest.mark.ray

@@ -1,0 +1,139 @@
+"""`python -m pipeline eval CONFIG [--model PATH_OR_ID] [--split NAME] [--stages]`.
+
+Without `--stages`: one model (by default the trained model, `<train output>/final`, else the reference
+model) into `<output_dir>/eval/<model-name>/` (results.json, plot.png). With `--stages`: the reference
+model and every finished curriculum stage into `<train output>/eval/<name>/`, a table and a line plot
+(`stages.md`, `stages.png`, `results.json`) there, and the table and plot in the trained model's card.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mfpo_eval.evaluate import evaluate, headline, write_results
+from pipeline.errors import PipelineError
+from pipeline.storage import Store, is_uri, write_json, write_text
+from stages.common import ModelConfig
+
+log = logging.getLogger("mfpo")
+
+
+def _name(model: str) -> str:
+    """A folder name for a model: its folder's or Hub repo's last part."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
+
+
+def _base_model(cfg: Any, dataset: Path) -> ModelConfig:
+    """The reference model the dataset was scored with (train.model when set): the starting point."""
+    from mfpo_train.config import TrainConfig
+    from mfpo_train.data import read_reference
+    from mfpo_train.trainer import policy_model_config
+
+    train = cfg.train if cfg.train is not None else TrainConfig()
+    return policy_model_config(train, read_reference(dataset))
+
+
+def run_eval(cfg: Any, model: str | None, split: str | None, stages: bool) -> list[tuple[str, Path]]:
+    """Evaluate; returns (name, results.json) of every model evaluated."""
+    from mfpo_train.command import locations, paths
+
+    settings = cfg.eval.model_copy(update={"split": split}) if split else cfg.eval
+    dataset_location, _ = locations(cfg)
+    dataset, out = paths(cfg)
+    if is_uri(dataset_location):
+        Store(dataset_location).pull()
+    if not (dataset / "data").is_dir():
+        raise PipelineError(f"no dataset at {dataset_location}: run `python -m pipeline run CONFIG` first")
+    base = _base_model(cfg, dataset)
+    system_prompt = cfg.train.system_prompt if cfg.train is not None else None
+    if stages:
+        if model is not None:
+            raise PipelineError("eval: --stages evaluates the reference model and every stage; leave out --model")
+        targets = [("reference", base)]
+        targets += [(d.name, ModelConfig(model=str(d / "final"))) for d in _finished_stages(out)]
+        root = out / "eval"
+    else:
+        if model is not None:
+            target = ModelConfig(model=model)
+            name = _name(model)
+        elif (out / "final" / "config.json").is_file() or (out / "final" / "adapter_config.json").is_file():
+            target, name = ModelConfig(model=str(out / "final")), "final"
+        else:
+            target, name = base, "reference"
+        targets = [(name, target)]
+        root = cfg.output_dir / "eval"
+    done = []
+    for name, target in targets:
+        log.info("eval: %s (%s) on split %s", name, target.model, settings.split)
+        results = evaluate(target, base, dataset, settings, cfg.run.seed, system_prompt, out / "_cache")
+        results["name"] = name
+        done.append((name, write_results(results, root / name)))
+    if stages:
+        _stage_report(cfg, dataset, out, [(n, _read(p)) for n, p in done])
+    return done
+
+
+def _finished_stages(out: Path) -> list[Path]:
+    from mfpo_train.records import existing_stage_dirs
+
+    return [d for d in existing_stage_dirs(out) if (d / "stage.json").is_file() and (d / "final").is_dir()]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def stage_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """A Markdown table: one row per model, one column per headline measure."""
+    columns = list(headline(rows[0][1]))
+    lines = ["| model | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for name, results in rows:
+        values = headline(results)
+        cells = ["-" if values[c] is None else f"{values[c]:.3f}" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _stage_report(cfg: Any, dataset: Path, out: Path, rows: list[tuple[str, dict[str, Any]]]) -> None:
+    """train/eval/{results.json, stages.md, stages.png}, and the same table and plot in the model card."""
+    root = out / "eval"
+    write_json(root / "results.json", {name: results for name, results in rows})
+    table = stage_table(rows)
+    write_text(root / "stages.md", table + "\n")
+    _line_plot(rows, root / "stages.png")
+    final = out / "final"
+    if final.is_dir() and cfg.train is not None:
+        from mfpo_train.card import write_model_card
+        from mfpo_train.trainer import read_stage_records
+
+        shutil.copyfile(root / "stages.png", final / "eval_stages.png")
+        split = rows[0][1]["split"]
+        write_model_card(final, cfg, dataset, read_stage_records(out), evaluation=(table, split, "eval_stages.png"))
+
+
+def _line_plot(rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, _ in rows]
+    series = {c: [headline(r)[c] for _, r in rows] for c in headline(rows[0][1])}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, values in series.items():
+        ys = [math.nan if v is None else v for v in values]
+        ax.plot(names, ys, marker="o", label=label)
+    ax.set_xlabel("model")
+    ax.set_title(f"measures per curriculum stage ({rows[0][1]['split']} split, {rows[0][1]['rows']} rows)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,228 @@
+"""Evaluate one model on a split of the finished dataset: every measure of `mfpo_eval.metrics`, from the
+model's answer log-probabilities under its chat template (no sampling), batched, on CPU or CUDA.
+
+Per row of the split the model scores
+- the chosen and the rejected answer on the clean image m, and the chosen answer on the dispreferred image
+  m' (preference accuracies and margins);
+- the chosen answer on m with noise in the key region (the row's mask), and with the same noise in a random
+  rectangle of the same area (the image-sensitivity probe; rows without a mask are left out);
+- "Yes" and "No" to POPE's object questions built from the grounded key objects (`box_phrases`).
+
+The model is a checkpoint (Hub id or folder) or a LoRA adapter folder (`adapter_config.json`), applied to
+its base model: a curriculum stage's `final/` is one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mfpo_eval.config import EvalConfig
+from mfpo_eval.metrics import pope_metrics, pope_questions, preference_metrics, sensitivity_metrics
+from pipeline.determinism import row_rng
+from pipeline.errors import PipelineError
+from pipeline.images import decode_rgb
+from stages.common import ModelConfig, decode_mask, select_dtype
+from stages.perturb import composite, diffusion_noise, random_region
+from stages.vlm import Example, answer_logps, answer_spans, build_prompt, collate, load_vlm, with_answer
+
+log = logging.getLogger("mfpo")
+
+EVAL_COLUMNS = (
+    "sample_id",
+    "images",
+    "question",
+    "chosen_text",
+    "rejected_text",
+    "rejected_image",
+    "mask",
+    "box_phrases",
+)
+POPE_ANSWERS = ("Yes", "No")
+
+
+def load_model(model: ModelConfig, base: ModelConfig | None) -> tuple[Any, Any, Any]:
+    """(model in eval mode, processor, device): a checkpoint, or a LoRA adapter folder on `base` (merged, so
+    it runs as fast as the base)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    adapter = Path(model.model) / "adapter_config.json"
+    if adapter.is_file():
+        if base is None:
+            raise PipelineError(f"{model.model} is a LoRA adapter and no base model is known: set train.model")
+        from peft import PeftModel
+
+        dtype = select_dtype(device, base.precision)
+        net, processor = load_vlm(base, "cpu", dtype)
+        net = PeftModel.from_pretrained(net, model.model).merge_and_unload()
+    else:
+        dtype = select_dtype(device, model.precision)
+        net, processor = load_vlm(model, "cpu", dtype)
+    return net.to(device).eval(), processor, device
+
+
+@dataclass
+class _Job:
+    key: tuple[str, int]  # (what, index): what the log-prob is of
+    example: Example
+
+
+def score(net: Any, processor: Any, device: Any, jobs: list[_Job], batch_size: int) -> dict[tuple[str, int], float]:
+    """Summed answer log-prob of every job, `batch_size` sequences per forward pass."""
+    import torch
+
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dtype = next(net.parameters()).dtype
+    out: dict[tuple[str, int], float] = {}
+    with torch.inference_mode():
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            examples = [j.example for j in chunk]
+            batch = collate(examples, pad, device, dtype)
+            logps, _ = answer_logps(net(**batch).logits, batch["input_ids"], answer_spans(examples))
+            out.update(zip((j.key for j in chunk), logps.double().cpu().tolist(), strict=True))
+    return out
+
+
+def evaluate(
+    model: ModelConfig,
+    base: ModelConfig | None,
+    dataset_dir: Path,
+    cfg: EvalConfig,
+    seed: int,
+    system_prompt: str | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Every measure for one model on `cfg.split`; returns the results (what results.json holds)."""
+    from mfpo_train.data import open_split, splits
+
+    if cfg.split not in splits(dataset_dir):
+        raise PipelineError(
+            f"eval.split: the dataset has no `{cfg.split}` split ({', '.join(sorted(splits(dataset_dir)))}); "
+            "hold rows out with stages.write.splits: {train: 0.95, test: 0.05}, or set eval.split"
+        )
+    ds = open_split(dataset_dir, cfg.split, cache_dir or dataset_dir.parent / "_cache", EVAL_COLUMNS)
+    rows = ds[: cfg.limit or len(ds)].to_pylist()
+    net, processor, device = load_model(model, base)
+    jobs: list[_Job] = []
+    for i, row in enumerate(rows):
+        clean = decode_rgb(row["images"][0])
+        prompt = build_prompt(processor, clean, row["question"], system_prompt)
+        jobs.append(_Job(("chosen", i), with_answer(processor, prompt, row["chosen_text"])))
+        jobs.append(_Job(("rejected", i), with_answer(processor, prompt, row["rejected_text"])))
+        if row.get("rejected_image") is not None:
+            noised = build_prompt(processor, decode_rgb(row["rejected_image"]), row["question"], system_prompt)
+            jobs.append(_Job(("chosen_noised", i), with_answer(processor, noised, row["chosen_text"])))
+        for what, image in _probe_images(row, clean, cfg, seed).items():
+            probe = build_prompt(processor, image, row["question"], system_prompt)
+            jobs.append(_Job((what, i), with_answer(processor, probe, row["chosen_text"])))
+    objects = [row.get("box_phrases") or [] for row in rows]
+    questions = {s: pope_questions(objects, s, cfg.pope.per_row, seed) for s in cfg.pope.settings}
+    asked: dict[tuple[int, str], int] = {}  # the same question in two settings is scored once
+    for setting_questions in questions.values():
+        for q in setting_questions:
+            if (q.row, q.object) not in asked:
+                n = asked[(q.row, q.object)] = len(asked)
+                image = decode_rgb(rows[q.row]["images"][0])
+                prompt = build_prompt(processor, image, q.text, system_prompt)
+                for answer in POPE_ANSWERS:
+                    jobs.append(_Job((f"pope-{answer}", n), with_answer(processor, prompt, answer)))
+    logp = score(net, processor, device, jobs, cfg.batch_size)
+
+    n = len(rows)
+    nan = float("nan")
+    results: dict[str, Any] = {
+        "model": model.model,
+        "split": cfg.split,
+        "rows": n,
+        "preference": preference_metrics(
+            [logp[("chosen", i)] for i in range(n)],
+            [logp[("rejected", i)] for i in range(n)],
+            [logp.get(("chosen_noised", i), nan) for i in range(n)],
+        ),
+    }
+    probed = [i for i in range(n) if ("key_region", i) in logp]
+    results["sensitivity"] = sensitivity_metrics(
+        [logp[("chosen", i)] for i in probed],
+        [logp[("key_region", i)] for i in probed],
+        [logp[("random_region", i)] for i in probed],
+    )
+    results["pope"] = {
+        s: pope_metrics(
+            [logp[("pope-Yes", asked[(q.row, q.object)])] for q in qs],
+            [logp[("pope-No", asked[(q.row, q.object)])] for q in qs],
+            [q.label for q in qs],
+        )
+        for s, qs in questions.items()
+    }
+    return results
+
+
+def _probe_images(row: dict[str, Any], clean: np.ndarray, cfg: EvalConfig, seed: int) -> dict[str, np.ndarray]:
+    """The clean image with noise in the key region, and with the same noise in a random rectangle of the
+    same area (the same eps, so only where it lands differs). None for a row without a usable mask."""
+    if row.get("mask") is None:
+        return {}
+    region = decode_mask(row["mask"])
+    if region.shape != clean.shape[:2] or not region.any():
+        return {}
+    rng = row_rng(seed, row["sample_id"], "eval-probe")
+    elsewhere = random_region(region, rng)
+    noised = diffusion_noise(clean, rng.standard_normal(clean.shape).astype(np.float32), cfg.probe.noise)
+    return {
+        "key_region": composite(clean, noised, region.astype(np.float32)),
+        "random_region": composite(clean, noised, elsewhere.astype(np.float32)),
+    }
+
+
+def write_results(results: dict[str, Any], folder: Path) -> Path:
+    """results.json and a bar chart of the headline measures (plot.png) in `folder`."""
+    from pipeline.storage import write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "results.json", results)
+    _bar_plot(results, folder / "plot.png")
+    return folder / "results.json"
+
+
+def headline(results: dict[str, Any]) -> dict[str, float | None]:
+    """The measures one table row shows (also the lines of the per-stage plot)."""
+    pref, sens = results["preference"], results["sensitivity"]
+    row: dict[str, float | None] = {
+        "text pref. acc.": pref["text_preference_accuracy"],
+        "image pref. acc.": pref["image_preference_accuracy"],
+        "image margin": pref["image_margin"],
+        "key-region drop": sens["key_region_drop"],
+        "random-region drop": sens["random_region_drop"],
+        "drop ratio": sens["ratio"],
+    }
+    for setting, m in results["pope"].items():
+        row[f"POPE {setting} F1"] = m["f1"]
+    return row
+
+
+def _bar_plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = {k: v for k, v in headline(results).items() if v is not None and np.isfinite(v)}
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.barh(list(values), list(values.values()), color="#4c72b0")
+    ax.invert_yaxis()
+    ax.set_title(f"{Path(results['model']).name} on {results['split']} ({results['rows']} rows)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
