@@ -17,7 +17,6 @@ candidates). A row with no object mention gets empty lists; `perturb` then takes
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ from pipeline.errors import PipelineError, RowError
 from pipeline.registry import register
 from pipeline.stage import RowStage, StageConfig, StrictModel
 from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_model_dir, missing_package, require
+from stages.llm import LlmClient, LlmConfig, load_template
 
 LEXICON_PATH = Path(__file__).parent / "data" / "object_lexicon.json"
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
 
@@ -54,19 +53,6 @@ class LexiconConfig(StrictModel):
         default_factory=lambda: ["top", "side", "back", "front", "picture", "image", "photo", "color", "colour"],
         description="Words never taken as objects on their own (positions, the picture itself).",
     )
-
-
-class LlmConfig(StrictModel):
-    provider: Literal["openai", "huggingface"] = Field("openai", description="Endpoint kind.")
-    base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    model: str = Field("gpt-4o-mini", description="Model name at the endpoint, or a Hub id / local path.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
-    prompt: str = Field("keywords.txt", description="Template in prompts/ (or a path) with {question} {answer}.")
-    max_new_tokens: int = Field(64, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(3, ge=0, description="Retries of a request on connection errors, timeouts, 429 and 5xx.")
-    retry_wait_s: float = Field(1.0, ge=0, description="First backoff wait; doubled on each retry (at most 30 s).")
-    trust_remote_code: bool = False
 
 
 class KeywordsConfig(StageConfig):
@@ -191,96 +177,6 @@ def parse_phrase_list(reply: str) -> list[str]:
     return list(dict.fromkeys(phrases))
 
 
-class _LlmClient:
-    def __init__(self, cfg: LlmConfig) -> None:
-        self.cfg = cfg
-        path = Path(cfg.prompt)
-        if not path.is_file():
-            path = PROMPTS_DIR / cfg.prompt
-        if not path.is_file():
-            raise PipelineError(f"stages.keywords.llm.prompt: template not found: {cfg.prompt}")
-        self.template = path.read_text(encoding="utf-8")
-        if cfg.provider == "openai":
-            # Plain HTTP (requests), not the Hub client: HF_HUB_OFFLINE=1 must not cut off a local endpoint.
-            import requests
-
-            key = os.environ.get(cfg.api_key_env)
-            if cfg.base_url is None:
-                raise PipelineError("stages.keywords.llm.base_url: set the endpoint, e.g. http://localhost:8000/v1")
-            self.session = requests.Session()
-            self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-            self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-            self.model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-            self.model.eval()
-
-    def __call__(self, question: str, answer: str) -> str:
-        prompt = self.template.format(question=question, answer=answer)
-        messages = [{"role": "user", "content": prompt}]
-        if self.cfg.provider == "openai":
-            payload = {
-                "model": self.cfg.model,
-                "messages": messages,
-                "max_tokens": self.cfg.max_new_tokens,
-                "temperature": 0.0,
-            }
-            reply = self._post(payload)
-            try:
-                return reply["choices"][0]["message"]["content"] or ""
-            except (KeyError, IndexError, TypeError):
-                raise RowError(f"keywords: endpoint reply is not a chat completion: {str(reply)[:80]!r}") from None
-        import torch
-
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.inference_mode():
-            out = self.model.generate(**ids, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
-        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-    def _post(self, payload: dict[str, Any]) -> Any:
-        """One chat completion, retried with exponential backoff on connection errors, timeouts, 429 and 5xx.
-        Still failing: the row is quarantined as `transient: ...`, and the next resume tries it again. Any
-        other HTTP error (a bad key, an unknown model) is the config's fault: the stage stops, naming it."""
-        import requests
-        import tenacity
-
-        def transient(err: BaseException) -> bool:
-            return isinstance(err, _Transient | requests.ConnectionError | requests.Timeout)
-
-        try:
-            for attempt in tenacity.Retrying(
-                stop=tenacity.stop_after_attempt(self.cfg.retries + 1),
-                wait=tenacity.wait_exponential(multiplier=self.cfg.retry_wait_s, max=30),
-                retry=tenacity.retry_if_exception(transient),
-                reraise=True,
-            ):
-                with attempt:
-                    resp = self.session.post(self.url, json=payload, headers=self.headers, timeout=self.cfg.timeout_s)
-                    if resp.status_code == 429 or resp.status_code >= 500:
-                        raise _Transient(f"HTTP {resp.status_code}")
-                    if resp.status_code >= 400:
-                        raise PipelineError(
-                            f"stages.keywords.llm: {self.url} answered HTTP {resp.status_code}: {resp.text[:120]!r}"
-                        )
-                    return resp.json()
-        except (_Transient, requests.ConnectionError, requests.Timeout) as err:
-            kind = type(err).__name__ if not isinstance(err, _Transient) else str(err)
-            raise RowError(
-                f"transient: keywords endpoint {self.url}: {kind} after {self.cfg.retries + 1} attempt(s)"
-            ) from None
-        except ValueError:
-            raise RowError("keywords: endpoint reply is not JSON") from None
-
-
-class _Transient(Exception):
-    """A reply worth retrying: 429 or 5xx."""
-
-
 # ------------------------------------------------------------------------------------------ the stage
 @register
 class Keywords(RowStage):
@@ -313,7 +209,8 @@ class Keywords(RowStage):
                     f"install it (python -m spacy download {cfg.spacy_model}) or use backend: lexicon"
                 ) from err
         else:
-            self.llm = _LlmClient(cfg.llm)
+            self.template = load_template(cfg.llm.prompt, "stages.keywords.llm.prompt")
+            self.llm = LlmClient(cfg.llm, "stages.keywords.llm", "keywords")
 
     def fingerprint_extra(self) -> Any:
         if self.config.backend == "lexicon" and self.config.lexicon.path is None:
@@ -337,7 +234,8 @@ class Keywords(RowStage):
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         texts = self.texts(row)
         if self.config.backend == "llm":
-            phrases = parse_phrase_list(self.llm(texts[0], texts[1]))[: self.config.top_k]
+            reply = self.llm.complete(self.template.format(question=texts[0], answer=texts[1]))
+            phrases = parse_phrase_list(reply)[: self.config.top_k]
             weights = [1.0 / (i + 1) for i in range(len(phrases))]
             ranked = [(p, round(w / sum(weights), 6)) for p, w in zip(phrases, weights, strict=True)]
         elif self.config.backend == "spacy":

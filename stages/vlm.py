@@ -82,6 +82,7 @@ def reference_record(cfg: ModelConfig, processor: Any, dtype: Any, system_prompt
 
 def reference_mismatch(reference: dict[str, Any], policy: dict[str, Any]) -> list[str]:
     """The fields in which two reference records differ, as `field: reference value != policy value`."""
+
     def short(value: Any) -> str:
         text = repr(value)
         return text[:24] + "...'" if len(text) > 28 else text  # hashes: enough to tell them apart
