@@ -37,15 +37,19 @@ def _base_model(cfg: Any, dataset: Path) -> ModelConfig:
     return policy_model_config(train, read_reference(dataset))
 
 
-def run_eval(cfg: Any, model: str | None, split: str | None, stages: bool) -> list[tuple[str, Path]]:
-    """Evaluate; returns (name, results.json) of every model evaluated."""
+def run_eval(cfg: Any, model: str | None, split: str | None, stages: bool, sync: bool = True) -> list[tuple[str, Path]]:
+    """Evaluate; returns (name, results.json) of every model evaluated. Object-store locations are read
+    through their local mirrors, brought up to date first and uploaded to after (sync=False: the caller,
+    training, does both)."""
     from mfpo_train.command import locations, paths
 
     settings = cfg.eval.model_copy(update={"split": split}) if split else cfg.eval
-    dataset_location, _ = locations(cfg)
+    dataset_location, train_location = locations(cfg)
     dataset, out = paths(cfg)
-    if is_uri(dataset_location):
+    if sync and is_uri(dataset_location):
         Store(dataset_location).pull()
+    if sync and is_uri(train_location):
+        Store(train_location).pull() if stages else Store(train_location).pull(("final",))
     if not (dataset / "data").is_dir():
         raise PipelineError(f"no dataset at {dataset_location}: run `python -m pipeline run CONFIG` first")
     base = _base_model(cfg, dataset)
@@ -69,11 +73,15 @@ def run_eval(cfg: Any, model: str | None, split: str | None, stages: bool) -> li
     done = []
     for name, target in targets:
         log.info("eval: %s (%s) on split %s", name, target.model, settings.split)
-        results = evaluate(target, base, dataset, settings, cfg.run.seed, system_prompt, out / "_cache")
+        results = evaluate(target, base, dataset, settings, cfg.run.seed, system_prompt, out / "_cache", root / name)
         results["name"] = name
         done.append((name, write_results(results, root / name)))
     if stages:
         _stage_report(cfg, dataset, out, [(n, _read(p)) for n, p in done])
+    if sync and stages and is_uri(train_location):
+        Store(train_location).push(("eval", "final"), delete=False)
+    elif sync and not stages and is_uri(cfg.output_location):
+        Store(cfg.output_location).push(("eval",), delete=False)
     return done
 
 

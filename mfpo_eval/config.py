@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from mfpo_eval.generate import GenerateSettings
 from pipeline.stage import StrictModel
 from stages.perturb import NoiseConfig
 
@@ -29,3 +30,6 @@ class EvalConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N rows of the split.")
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
     pope: PopeSettings = Field(default_factory=PopeSettings)
+    generate: GenerateSettings = Field(
+        default_factory=GenerateSettings, description="Answers to an external benchmark's questions (and a judge)."
+    )

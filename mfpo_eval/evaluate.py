@@ -99,8 +99,10 @@ def evaluate(
     seed: int,
     system_prompt: str | None = None,
     cache_dir: Path | None = None,
+    folder: Path | None = None,
 ) -> dict[str, Any]:
-    """Every measure for one model on `cfg.split`; returns the results (what results.json holds)."""
+    """Every measure for one model on `cfg.split`; returns the results (what results.json holds). With
+    `eval.generate.questions`, also the model's answers to them, written to `folder`."""
     from mfpo_train.data import open_split, splits
 
     if cfg.split not in splits(dataset_dir):
@@ -162,6 +164,14 @@ def evaluate(
         )
         for s, qs in questions.items()
     }
+    if cfg.generate.questions:
+        from mfpo_eval.generate import run_generate
+
+        if folder is None:
+            raise PipelineError("eval.generate: answers need an output folder")
+        results["generate"] = run_generate(
+            net, processor, device, cfg.generate, cfg.batch_size, system_prompt, model.model, folder
+        )
     return results
 
 

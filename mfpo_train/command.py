@@ -182,7 +182,7 @@ def _train_locked(
         if cfg.train.eval_after_each_stage:
             from mfpo_eval.command import run_eval
 
-            run_eval(cfg, None, None, stages=True)  # rewrites the card with the before/after table
+            run_eval(cfg, None, None, stages=True, sync=False)  # the card gets the before/after table
         if cfg.train.extra_arguments.get("push_to_hub"):
             from mfpo_train.trainer import push_model
 

@@ -212,6 +212,21 @@ def evaluate(
             highlight=False,
             soft_wrap=True,
         )
+        generated = results.get("generate")
+        if generated:
+            judge = generated.get("judge")
+            judged = (
+                f"; judge {judge['model']}: mean rating {judge['mean_rating']}, hallucination rate "
+                f"{judge['hallucination_rate']} ({judge['unrated']} unrated)"
+                if judge
+                else ""
+            )
+            console.print(
+                f"{name}: {generated['answered']} of {generated['questions']} questions answered "
+                f"({generated['errors']} with an error){judged} -> {generated['answers']}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _quiet_libraries(lead: bool) -> None:

@@ -71,3 +71,74 @@ def test_eval_command_and_the_stages_table_in_the_card(trained):
     assert (trained[1] / "final" / "eval_stages.png").is_file() and (root / "stages.png").is_file()
     missing = cli("eval", cfg)  # no test split in this dataset
     assert missing.returncode == 1 and "eval.split: the dataset has no `test` split" in missing.stderr
+
+
+def test_answers_for_an_external_question_file_with_a_judge(trained, tmp_path):
+    """eval.generate: every record of the question file comes back, answered or with its error, in the
+    layouts CHAIR-style and MMHal-Bench scripts read; the judge's `Rating: N` replies become the mean rating
+    and the hallucination rate."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from helpers import SAMPLE_JSONL
+
+    photo = SAMPLE_JSONL.parent / "images" / "astronaut.jpg"
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(photo.read_bytes())
+    lines = [
+        json.dumps(
+            {"question_id": 1, "image": str(photo), "question": "What is she holding?", "gt_answer": "A helmet."}
+        ),
+        "not json",
+        json.dumps({"question_id": 3, "image": "img/missing.jpg", "question": "What is here?"}),
+        json.dumps({"question_id": 4, "image": "img/a.jpg", "question": "Describe the image."}),
+    ]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(lines) + "\n")
+    prompts: list[str] = []
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # an OpenAI-compatible chat endpoint with scripted ratings
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompts.append(body["messages"][0]["content"])
+            rating = 5 if len(prompts) == 1 else 1
+            reply = {"choices": [{"message": {"role": "assistant", "content": f"Fine.\nRating: {rating}"}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sets = {
+            "eval.split": "train",
+            "eval.limit": 2,
+            "eval.pope.per_row": 1,
+            "eval.generate.questions": str(questions),
+            "eval.generate.max_new_tokens": 6,
+            "eval.generate.judge.enabled": "true",
+            "eval.generate.judge.llm.base_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+        }
+        args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+        proc = cli("eval", str(trained[0].parent / "cfg.yaml"), "--model", str(trained[1] / "final"), *args)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    folder = trained[0] / "eval" / "final"
+    records = [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines()]
+    assert [r.get("question_id") for r in records] == [1, None, 3, 4]
+    assert records[1]["error"].startswith("bad line 2") and records[2]["error"].startswith("image: file not found")
+    for r in (records[0], records[3]):
+        assert isinstance(r["answer"], str) and r["model_answer"] == r["answer"] and "error" not in r
+    assert [r["judge_rating"] for r in (records[0], records[3])] == [5, 1]
+    assert json.loads((folder / "answers.json").read_text()) == records
+    assert "Reference answer: A helmet." in prompts[0] and "Reference answer: (none given)" in prompts[1]
+    summary = json.loads((folder / "results.json").read_text())["generate"]
+    assert summary["questions"] == 4 and summary["answered"] == 2 and summary["errors"] == 2
+    assert summary["judge"]["mean_rating"] == 3.0 and summary["judge"]["hallucination_rate"] == 0.5

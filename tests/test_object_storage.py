@@ -164,6 +164,17 @@ def test_training_into_s3_resumes_on_another_machine_after_a_kill(trained, check
         torch.testing.assert_close(straight[k], remote[k], rtol=0, atol=1e-6)
     status = cli("status", cfg, "--json", *target, env={**env, "MFPO_CACHE": str(tmp_path / "machine-3")})
     assert {s["state"] for s in json.loads(status.stdout)["train"]} == {"done"}
+    # `eval --stages` on a third machine: the stages come from the bucket, the results and the card go back.
+    quick = ["--set", "eval.limit=3", "--set", "eval.pope.per_row=1", "--split", "train", "--stages"]
+    cli("eval", cfg, *target, *quick, env={**env, "MFPO_CACHE": str(tmp_path / "machine-4")}, check=True)
+    evaluated = s3_objects(s3, BUCKET, "trained")
+    assert list(json.loads(evaluated["eval/results.json"])) == [
+        "reference",
+        "stage-0-easy",
+        "stage-1-medium",
+        "stage-2-hard",
+    ]
+    assert b"## Evaluation: before and after" in evaluated["final/README.md"] and "final/eval_stages.png" in evaluated
     refused = cli("train", cfg, "--resume", *target, "--set", "train.ray.num_workers=2", env=env)
     assert refused.returncode == 2 and "refused: train.ray.num_workers: Ray Train workers" in refused.stderr
 
