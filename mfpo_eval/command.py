@@ -28,7 +28,8 @@ def _name(model: str) -> str:
 
 
 def _base_model(cfg: Any, dataset: Path) -> ModelConfig:
-    """The reference model the dataset was scored with (train.model when set): the starting point."""
+    """The reference model the dataset was scored with (train.model when set): the starting point. A
+    PipelineError when neither is known (a dataset without the score stage and no train.model)."""
     from mfpo_train.config import TrainConfig
     from mfpo_train.data import read_reference
     from mfpo_train.trainer import policy_model_config
@@ -52,11 +53,17 @@ def run_eval(cfg: Any, model: str | None, split: str | None, stages: bool, sync:
         Store(train_location).pull() if stages else Store(train_location).pull(("final",))
     if not (dataset / "data").is_dir():
         raise PipelineError(f"no dataset at {dataset_location}: run `python -m pipeline run CONFIG` first")
-    base = _base_model(cfg, dataset)
+    try:
+        base: ModelConfig | None = _base_model(cfg, dataset)
+        unknown = ""
+    except PipelineError as err:  # only needed for the reference model itself and for LoRA adapters
+        base, unknown = None, f"{err}; or evaluate a full checkpoint with --model"
     system_prompt = cfg.train.system_prompt if cfg.train is not None else None
     if stages:
         if model is not None:
             raise PipelineError("eval: --stages evaluates the reference model and every stage; leave out --model")
+        if base is None:
+            raise PipelineError(unknown)
         targets = [("reference", base)]
         targets += [(d.name, ModelConfig(model=str(d / "final"))) for d in _finished_stages(out)]
         root = out / "eval"
@@ -67,6 +74,8 @@ def run_eval(cfg: Any, model: str | None, split: str | None, stages: bool, sync:
         elif (out / "final" / "config.json").is_file() or (out / "final" / "adapter_config.json").is_file():
             target, name = ModelConfig(model=str(out / "final")), "final"
         else:
+            if base is None:
+                raise PipelineError(unknown)
             target, name = base, "reference"
         targets = [(name, target)]
         root = cfg.output_dir / "eval"
