@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -10,7 +11,7 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,38 @@ TRAIN: dict[str, Any] = {
     "save_steps": 1000,
     "curriculum": {"epochs_per_stage": 1},
 }
+
+
+@contextlib.contextmanager
+def chat_endpoint(answer: Callable[[dict[str, Any], Any], str | int]) -> Iterator[str]:
+    """A local OpenAI-compatible chat-completions endpoint (an LLM service stands outside the project):
+    `answer(request body, request headers)` gives the reply's text, or an HTTP status to fail with. Yields
+    the base URL (`http://127.0.0.1:PORT/v1`)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            reply = answer({**body, "_path": self.path}, self.headers)
+            if isinstance(reply, int):
+                self.send_response(reply)
+                self.end_headers()
+                return
+            message = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}
+            data = json.dumps({"id": "x", "object": "chat.completion", "choices": [message]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()

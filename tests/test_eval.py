@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli
+from helpers import SAMPLE_JSONL, chat_endpoint, cli
 
 from mfpo_eval.config import EvalConfig
 from mfpo_eval.evaluate import evaluate
@@ -77,10 +77,6 @@ def test_answers_for_an_external_question_file_with_a_judge(trained, tmp_path):
     """eval.generate: every record of the question file comes back, answered or with its error, in the
     layouts CHAIR-style and MMHal-Bench scripts read; the judge's `Rating: N` replies become the mean rating
     and the hallucination rate."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from helpers import SAMPLE_JSONL
 
     photo = SAMPLE_JSONL.parent / "images" / "astronaut.jpg"
     (tmp_path / "img").mkdir()
@@ -97,25 +93,11 @@ def test_answers_for_an_external_question_file_with_a_judge(trained, tmp_path):
     questions.write_text("\n".join(lines) + "\n")
     prompts: list[str] = []
 
-    class Judge(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # an OpenAI-compatible chat endpoint with scripted ratings
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompts.append(body["messages"][0]["content"])
-            rating = 5 if len(prompts) == 1 else 1
-            reply = {"choices": [{"message": {"role": "assistant", "content": f"Fine.\nRating: {rating}"}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def judge(body: dict, headers: object) -> str:  # scripted ratings: 5, then 1
+        prompts.append(body["messages"][0]["content"])
+        return f"Fine.\nRating: {5 if len(prompts) == 1 else 1}"
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with chat_endpoint(judge) as url:
         sets = {
             "eval.split": "train",
             "eval.limit": 2,
@@ -123,12 +105,10 @@ def test_answers_for_an_external_question_file_with_a_judge(trained, tmp_path):
             "eval.generate.questions": str(questions),
             "eval.generate.max_new_tokens": 6,
             "eval.generate.judge.enabled": "true",
-            "eval.generate.judge.llm.base_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+            "eval.generate.judge.llm.base_url": url,
         }
         args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
         proc = cli("eval", str(trained[0].parent / "cfg.yaml"), "--model", str(trained[1] / "final"), *args)
-    finally:
-        server.shutdown()
     assert proc.returncode == 0, proc.stderr
     folder = trained[0] / "eval" / "final"
     records = [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines()]

@@ -4,13 +4,11 @@ quarantined with a parse reason, never crash the run; the API key travels only i
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from helpers import chat_endpoint
 from stage_runner import build_stage
 from tiny_models import save_tiny_causal_lm
 
@@ -45,54 +43,24 @@ def test_openai_compatible_endpoint(lm: Path, monkeypatch: pytest.MonkeyPatch):
     model = AutoModelForCausalLM.from_pretrained(lm)
     seen: list[dict] = []
 
-    class ChatCompletions(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # the OpenAI chat-completions protocol, answered by the tiny model
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            ids = tokenizer.apply_chat_template(
-                body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            out = model.generate(**ids, max_new_tokens=body.get("max_tokens", 8), do_sample=False)
-            text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-            reply = json.dumps(
-                {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-                    ],
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+    def answer(body: dict, headers: object) -> str:  # the chat-completions protocol, answered by the tiny model
+        seen.append({"path": body["_path"], "auth": headers.get("Authorization"), "body": body})  # type: ignore[attr-defined]
+        ids = tokenizer.apply_chat_template(
+            body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        out = model.generate(**ids, max_new_tokens=body.get("max_tokens", 8), do_sample=False)
+        return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatCompletions)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("MY_LLM_KEY", "sk-test-secret")
-    try:
+    with chat_endpoint(answer) as url:
         stage = build_stage(
             "keywords",
             {
                 "backend": "llm",
-                "llm": {
-                    "base_url": f"http://127.0.0.1:{server.server_port}/v1",
-                    "model": "tiny",
-                    "api_key_env": "MY_LLM_KEY",
-                    "max_new_tokens": 8,
-                },
+                "llm": {"base_url": url, "model": "tiny", "api_key_env": "MY_LLM_KEY", "max_new_tokens": 8},
             },
         )
         result = stage.process_batch(ROWS)
-    finally:
-        server.shutdown()
     assert len(seen) == 2 and seen[0]["path"] == "/v1/chat/completions"
     assert seen[0]["auth"] == "Bearer sk-test-secret"
     assert "What is on the table?" in seen[0]["body"]["messages"][0]["content"]  # the prompt template, filled

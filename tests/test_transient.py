@@ -4,14 +4,11 @@ permanently bad row; the endpoint is reached even with HF_HUB_OFFLINE=1."""
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import cli, dataset_rows, quarantine, tree, write_config, write_source
+from helpers import chat_endpoint, cli, dataset_rows, quarantine, tree, write_config, write_source
 
 
 class _Endpoint:
@@ -21,39 +18,21 @@ class _Endpoint:
     def __init__(self) -> None:
         self.failing = True
         self.prompts: list[str] = []
-        endpoint = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][0]["content"]
-                endpoint.prompts.append(prompt)
-                if "picture 3?" in prompt and endpoint.failing:
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                content = "no objects here" if "picture 5?" in prompt else '["disc"]'
-                reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
-                data = reply.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+    def answer(self, body: dict, headers: object) -> str | int:
+        prompt = body["messages"][0]["content"]
+        self.prompts.append(prompt)
+        if "picture 3?" in prompt and self.failing:
+            return 503
+        return "no objects here" if "picture 5?" in prompt else '["disc"]'
 
 
 @pytest.fixture
 def endpoint():
     ep = _Endpoint()
-    yield ep
-    ep.server.shutdown()
+    with chat_endpoint(ep.answer) as url:
+        ep.url = url
+        yield ep
 
 
 def _config(path: Path, source: Path, out: Path, url: str) -> Path:
