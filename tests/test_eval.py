@@ -36,7 +36,7 @@ def dataset(trained) -> Path:
 
 
 def test_a_model_that_cannot_see_is_not_moved_by_the_image(trained, dataset, tmp_path):
-    settings = EvalConfig(split="train", batch_size=5)
+    settings = EvalConfig(split="train", batch_size=5, pope={"per_row": 1})
     blind = _blind(trained[0].parent / "tiny-llava", tmp_path / "blind")
     got = evaluate(ModelConfig(model=str(blind)), None, dataset, settings, seed=0)
     sens, pref = got["sensitivity"], got["preference"]
@@ -54,12 +54,13 @@ def test_a_model_that_cannot_see_is_not_moved_by_the_image(trained, dataset, tmp
 
 def test_eval_command_and_the_stages_table_in_the_card(trained):
     cfg = str(trained[0].parent / "cfg.yaml")
-    one = cli("eval", cfg, "--split", "train", check=True)
+    quick = ["--set", "eval.pope.per_row=1"]
+    one = cli("eval", cfg, "--split", "train", *quick, check=True)
     results = json.loads((trained[0] / "eval" / "final" / "results.json").read_text())
     assert results["name"] == "final" and results["model"].endswith("train/final")
     assert (trained[0] / "eval" / "final" / "plot.png").stat().st_size > 1000
     assert "final: text pref. acc." in one.stdout
-    cli("eval", cfg, "--split", "train", "--stages", check=True)
+    cli("eval", cfg, "--split", "train", "--stages", *quick, check=True)
     root = trained[1] / "eval"
     table = json.loads((root / "results.json").read_text())
     assert list(table) == ["reference", "stage-0-easy", "stage-1-medium", "stage-2-hard"]
