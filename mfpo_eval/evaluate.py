@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mfpo_eval.config import EvalConfig
-from mfpo_eval.metrics import pope_metrics, pope_questions, preference_metrics, sensitivity_metrics
+from mfpo_eval.metrics import pope_metrics, pope_questions, pope_text, preference_metrics, sensitivity_metrics
 from pipeline.determinism import row_rng
 from pipeline.errors import PipelineError
 from pipeline.images import decode_rgb
@@ -111,34 +111,26 @@ def evaluate(
             "hold rows out with stages.write.splits: {train: 0.95, test: 0.05}, or set eval.split"
         )
     ds = open_split(dataset_dir, cfg.split, cache_dir or dataset_dir.parent / "_cache", EVAL_COLUMNS)
-    rows = ds[: cfg.limit or len(ds)].to_pylist()
-    net, processor, device = load_model(model, base)
-    jobs: list[_Job] = []
-    for i, row in enumerate(rows):
-        clean = decode_rgb(row["images"][0])
-        prompt = build_prompt(processor, clean, row["question"], system_prompt)
-        jobs.append(_Job(("chosen", i), with_answer(processor, prompt, row["chosen_text"])))
-        jobs.append(_Job(("rejected", i), with_answer(processor, prompt, row["rejected_text"])))
-        if row.get("rejected_image") is not None:
-            noised = build_prompt(processor, decode_rgb(row["rejected_image"]), row["question"], system_prompt)
-            jobs.append(_Job(("chosen_noised", i), with_answer(processor, noised, row["chosen_text"])))
-        for what, image in _probe_images(row, clean, cfg, seed).items():
-            probe = build_prompt(processor, image, row["question"], system_prompt)
-            jobs.append(_Job((what, i), with_answer(processor, probe, row["chosen_text"])))
-    objects = [row.get("box_phrases") or [] for row in rows]
-    questions = {s: pope_questions(objects, s, cfg.pope.per_row, seed) for s in cfg.pope.settings}
+    n = min(cfg.limit or len(ds), len(ds))
+    objects = ds.data.column("box_phrases").to_pylist()[:n] if "box_phrases" in ds.column_names else [[]] * n
+    questions = {s: pope_questions([o or [] for o in objects], s, cfg.pope.per_row, seed) for s in cfg.pope.settings}
     asked: dict[tuple[int, str], int] = {}  # the same question in two settings is scored once
     for setting_questions in questions.values():
         for q in setting_questions:
-            if (q.row, q.object) not in asked:
-                n = asked[(q.row, q.object)] = len(asked)
-                image = decode_rgb(rows[q.row]["images"][0])
-                prompt = build_prompt(processor, image, q.text, system_prompt)
-                for answer in POPE_ANSWERS:
-                    jobs.append(_Job((f"pope-{answer}", n), with_answer(processor, prompt, answer)))
-    logp = score(net, processor, device, jobs, cfg.batch_size)
+            asked.setdefault((q.row, q.object), len(asked))
+    by_row: dict[int, list[tuple[int, str]]] = {}
+    for (row, obj), k in asked.items():
+        by_row.setdefault(row, []).append((k, obj))
+    net, processor, device = load_model(model, base)
+    logp: dict[tuple[str, int], float] = {}
+    # Rows a chunk at a time: the prepared sequences (pixel tensors) of a whole split would not fit in memory.
+    chunk = max(16, cfg.batch_size)
+    for start in range(0, n, chunk):
+        jobs: list[_Job] = []
+        for i, row in enumerate(ds[start : min(start + chunk, n)].to_pylist(), start=start):
+            jobs += _row_jobs(processor, i, row, by_row.get(i, []), cfg, seed, system_prompt)
+        logp.update(score(net, processor, device, jobs, cfg.batch_size))
 
-    n = len(rows)
     nan = float("nan")
     results: dict[str, Any] = {
         "model": model.model,
@@ -173,6 +165,35 @@ def evaluate(
             net, processor, device, cfg.generate, cfg.batch_size, system_prompt, model.model, folder
         )
     return results
+
+
+def _row_jobs(
+    processor: Any,
+    i: int,
+    row: dict[str, Any],
+    pope: list[tuple[int, str]],
+    cfg: EvalConfig,
+    seed: int,
+    system_prompt: str | None,
+) -> list[_Job]:
+    """Every sequence row `i` is scored by: chosen and rejected on m, chosen on m', chosen on the two probe
+    images, and "Yes" / "No" to each of its POPE questions (`pope`: (question number, object))."""
+    clean = decode_rgb(row["images"][0])
+    prompt = build_prompt(processor, clean, row["question"], system_prompt)
+    jobs = [
+        _Job(("chosen", i), with_answer(processor, prompt, row["chosen_text"])),
+        _Job(("rejected", i), with_answer(processor, prompt, row["rejected_text"])),
+    ]
+    if row.get("rejected_image") is not None:
+        noised = build_prompt(processor, decode_rgb(row["rejected_image"]), row["question"], system_prompt)
+        jobs.append(_Job(("chosen_noised", i), with_answer(processor, noised, row["chosen_text"])))
+    for what, image in _probe_images(row, clean, cfg, seed).items():
+        probe = build_prompt(processor, image, row["question"], system_prompt)
+        jobs.append(_Job((what, i), with_answer(processor, probe, row["chosen_text"])))
+    for k, obj in pope:
+        question = build_prompt(processor, clean, pope_text(obj), system_prompt)
+        jobs += [_Job((f"pope-{answer}", k), with_answer(processor, question, answer)) for answer in POPE_ANSWERS]
+    return jobs
 
 
 def _probe_images(row: dict[str, Any], clean: np.ndarray, cfg: EvalConfig, seed: int) -> dict[str, np.ndarray]:

@@ -98,7 +98,11 @@ class PopeQuestion:
 
     @property
     def text(self) -> str:
-        return f"Is there a {self.object} in the image?"  # POPE's wording
+        return pope_text(self.object)
+
+
+def pope_text(obj: str) -> str:
+    return f"Is there a {obj} in the image?"  # POPE's wording
 
 
 def pope_questions(
