@@ -106,7 +106,7 @@ def status(
         _say("error", str(err))
         raise typer.Exit(1) from None
     except Exception as err:  # the store: no credentials, no such bucket
-        _say("error", f"{type(err).__name__}: {first_line(err)}")
+        _say("error", f"{cfg.output_location}: {type(err).__name__}: {first_line(err)}")
         raise typer.Exit(1) from None
     if as_json:
         payload = {"output_dir": cfg.output_location, "stages": [asdict(s) for s in statuses], "train": training}

@@ -614,13 +614,21 @@ class RunLayout:
 
         if self.store.remote:
             lease = _Lease(self.store, what)
+            try:  # the first request to the store: missing credentials or bucket show up here
+                record, _ = lease.holder() if shared else (None, None)
+                if not shared:
+                    lease.acquire()
+            except PipelineError:
+                raise
+            except Exception as err:
+                from pipeline.errors import first_line
+
+                raise PipelineError(f"{self.location}: {type(err).__name__}: {first_line(err)}") from err
             if shared:
-                record, _ = lease.holder()
                 if record is not None:
                     lease.refuse(record, what)
                 yield
                 return
-            lease.acquire()
             try:
                 yield
             finally:

@@ -142,4 +142,6 @@ def test_object_store_without_credentials_is_one_line(tmp_path: Path):
     for command in ("run", "status"):
         proc = cli(command, str(cfg), "--set", "run.output_dir=s3://bucket/run", env=env)
         assert proc.returncode == 1
-        assert proc.stderr.strip().splitlines() == ["error: NoCredentialsError: Unable to locate credentials"]
+        assert proc.stderr.strip().splitlines() == [
+            "error: s3://bucket/run: NoCredentialsError: Unable to locate credentials"
+        ], proc.stderr
