@@ -123,3 +123,41 @@ def test_answers_for_an_external_question_file_with_a_judge(trained, tmp_path):
     summary = json.loads((folder / "results.json").read_text())["generate"]
     assert summary["questions"] == 4 and summary["answered"] == 2 and summary["errors"] == 2
     assert summary["judge"]["mean_rating"] == 3.0 and summary["judge"]["hallucination_rate"] == 0.5
+
+
+def test_questions_from_a_hub_dataset(trained, tmp_path):
+    """eval.generate.questions as a Hub dataset id (image and question columns): every row is answered."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hub_server import HubServer
+
+    photo = (SAMPLE_JSONL.parent / "images" / "astronaut.jpg").read_bytes()
+    folder = tmp_path / "qs" / "data"
+    folder.mkdir(parents=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": photo, "path": None}] * 2, image_type),
+            "question": ["What is she holding?", "Is there a cat?"],
+            "question_id": [7, 8],
+        }
+    )
+    pq.write_table(table, folder / "test-00000-of-00001.parquet")
+    with HubServer(tmp_path / "hub") as hub:
+        env = hub.client_env(tmp_path / "hf-home", token="hf_writer")
+        upload = (
+            "import sys; from huggingface_hub import HfApi; api = HfApi();"
+            "api.create_repo('hub-user/qs', repo_type='dataset');"
+            "api.upload_folder(folder_path=sys.argv[1], repo_id='hub-user/qs', repo_type='dataset')"
+        )
+        subprocess.run([sys.executable, "-c", upload, str(folder.parent)], env=env, check=True, capture_output=True)
+        sets = ["eval.split=train", "eval.limit=1", "eval.pope.per_row=1", "eval.generate.questions=hub-user/qs"]
+        args = [a for s in [*sets, "eval.generate.max_new_tokens=4"] for a in ("--set", s)]
+        proc = cli("eval", str(trained[0].parent / "cfg.yaml"), "--model", str(trained[1] / "final"), *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (trained[0] / "eval" / "final" / "answers.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in records] == [7, 8]
+    assert all(isinstance(r["answer"], str) and "error" not in r and "image" not in r for r in records)
