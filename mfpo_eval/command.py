@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from mfpo_eval.evaluate import evaluate, headline, write_results
 from pipeline.errors import PipelineError
-from pipeline.storage import Store, is_uri, write_json, write_text
+from pipeline.storage import Store, atomic_write, is_uri, write_json, write_text
 from stages.common import ModelConfig
 
 log = logging.getLogger("mfpo")
@@ -38,8 +37,10 @@ def _base_model(cfg: Any, dataset: Path) -> ModelConfig:
     return policy_model_config(train, read_reference(dataset))
 
 
-def run_eval(cfg: Any, model: str | None, split: str | None, stages: bool, sync: bool = True) -> list[tuple[str, Path]]:
-    """Evaluate; returns (name, results.json) of every model evaluated. Object-store locations are read
+def run_eval(
+    cfg: Any, model: str | None, split: str | None, stages: bool, sync: bool = True
+) -> list[tuple[str, Path, dict[str, Any]]]:
+    """Evaluate; returns (name, results.json, results) of every model evaluated. Object-store locations are read
     through their local mirrors, brought up to date first and uploaded to after (sync=False: the caller,
     training, does both)."""
     from mfpo_train.command import locations, paths
@@ -84,9 +85,9 @@ def run_eval(cfg: Any, model: str | None, split: str | None, stages: bool, sync:
         log.info("eval: %s (%s) on split %s", name, target.model, settings.split)
         results = evaluate(target, base, dataset, settings, cfg.run.seed, system_prompt, out / "_cache", root / name)
         results["name"] = name
-        done.append((name, write_results(results, root / name)))
+        done.append((name, write_results(results, root / name), results))
     if stages:
-        _stage_report(cfg, dataset, out, [(n, _read(p)) for n, p in done])
+        _stage_report(cfg, dataset, out, [(n, results) for n, _, results in done])
     if sync and stages and is_uri(train_location):
         Store(train_location).push(("eval", "final"), delete=False)
     elif sync and not stages and is_uri(cfg.output_location):
@@ -98,12 +99,6 @@ def _finished_stages(out: Path) -> list[Path]:
     from mfpo_train.records import existing_stage_dirs
 
     return [d for d in existing_stage_dirs(out) if (d / "stage.json").is_file() and (d / "final").is_dir()]
-
-
-def _read(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def stage_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
@@ -123,34 +118,30 @@ def _stage_report(cfg: Any, dataset: Path, out: Path, rows: list[tuple[str, dict
     write_json(root / "results.json", {name: results for name, results in rows})
     table = stage_table(rows)
     write_text(root / "stages.md", table + "\n")
-    _line_plot(rows, root / "stages.png")
+    plot = _line_plot(rows)
+    atomic_write(root / "stages.png", lambda tmp: tmp.write_bytes(plot))
     final = out / "final"
     if final.is_dir() and cfg.train is not None:
         from mfpo_train.card import write_model_card
         from mfpo_train.trainer import read_stage_records
 
-        shutil.copyfile(root / "stages.png", final / "eval_stages.png")
+        atomic_write(final / "eval_stages.png", lambda tmp: tmp.write_bytes(plot))
         split = rows[0][1]["split"]
         write_model_card(final, cfg, dataset, read_stage_records(out), evaluation=(table, split, "eval_stages.png"))
 
 
-def _line_plot(rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
+def _line_plot(rows: list[tuple[str, dict[str, Any]]]) -> bytes:
     import math
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mfpo_publish.plots import figure, png_bytes
 
     names = [n for n, _ in rows]
     series = {c: [headline(r)[c] for _, r in rows] for c in headline(rows[0][1])}
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = figure(height=4, width=8)
     for label, values in series.items():
         ys = [math.nan if v is None else v for v in values]
         ax.plot(names, ys, marker="o", label=label)
     ax.set_xlabel("model")
     ax.set_title(f"measures per curriculum stage ({rows[0][1]['split']} split, {rows[0][1]['rows']} rows)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return png_bytes(fig)

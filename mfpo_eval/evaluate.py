@@ -14,7 +14,6 @@ its base model: a curriculum stage's `final/` is one.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,20 +239,13 @@ def headline(results: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _bar_plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mfpo_publish.plots import figure, png_bytes
+    from pipeline.storage import atomic_write
 
     values = {k: v for k, v in headline(results).items() if v is not None and np.isfinite(v)}
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = figure(height=3.5, width=8)
     ax.barh(list(values), list(values.values()), color="#4c72b0")
     ax.invert_yaxis()
     ax.set_title(f"{Path(results['model']).name} on {results['split']} ({results['rows']} rows)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+    data = png_bytes(fig)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))

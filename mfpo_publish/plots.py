@@ -21,9 +21,6 @@ _COLORS = ["#4c9a2a", "#e0a800", "#c0392b", "#2c7fb8", "#8e44ad", "#7f8c8d"]
 
 def make_plots(table: pa.Table, top_phrases: int = 20) -> dict[str, bytes]:
     """File name -> PNG bytes for the plots this table has the columns for."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display, no GUI toolkit
     cols = set(table.column_names)
     out: dict[str, bytes] = {}
     if {"difficulty", "bucket"} <= cols:
@@ -47,14 +44,19 @@ def make_plots(table: pa.Table, top_phrases: int = 20) -> dict[str, bytes]:
     return out
 
 
-def _figure(height: float = 3.2) -> Any:
+def figure(height: float = 3.2, width: float = 6.4) -> Any:
+    """(fig, ax) on the headless backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display, no GUI toolkit
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, height), dpi=100)
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
     return fig, ax
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
+    """The figure as PNG bytes (closed after), the same bytes for the same figure on every rebuild."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -65,7 +67,7 @@ def _png(fig: Any) -> bytes:
 
 
 def _difficulty(values: list[float], buckets: list[str] | None) -> bytes:
-    fig, ax = _figure()
+    fig, ax = figure()
     clean = [(v, b) for v, b in zip(values, buckets or [None] * len(values), strict=True) if v is not None]
     bins = _bins([v for v, _ in clean])
     if buckets is None:
@@ -83,20 +85,20 @@ def _difficulty(values: list[float], buckets: list[str] | None) -> bytes:
     ax.set_title(PLOTS["difficulty_by_bucket.png"])
     ax.set_xlabel("difficulty (reference-model entropy over the chosen answer)")
     ax.set_ylabel("rows")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _histogram(values: list[float], title: str, xlabel: str) -> bytes:
-    fig, ax = _figure()
+    fig, ax = figure()
     ax.hist(values, bins=_bins(values, lo=0.0, hi=1.0), color=_COLORS[3])
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("rows")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _bars(labels: list[str], counts: list[int], title: str, xlabel: str, horizontal: bool = False) -> bytes:
-    fig, ax = _figure(height=max(3.2, 0.22 * len(labels) + 1.0) if horizontal else 3.2)
+    fig, ax = figure(height=max(3.2, 0.22 * len(labels) + 1.0) if horizontal else 3.2)
     if horizontal:
         ax.barh(labels, counts, color=_COLORS[3])
         ax.set_xlabel("rows")
@@ -105,7 +107,7 @@ def _bars(labels: list[str], counts: list[int], title: str, xlabel: str, horizon
         ax.set_xlabel(xlabel)
         ax.set_ylabel("rows")
     ax.set_title(title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _bins(values: list[float], lo: float | None = None, hi: float | None = None) -> list[float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mfpo_train.records import COMMITTED, StagePlan, TrainRefused, plan_stages, prepare_output, status
-from pipeline.storage import RunLayout, Store, is_uri, local_path, mirror_dir
+from pipeline.storage import RunLayout, Store, is_uri, local_folder
 
 log = logging.getLogger("mfpo")
 
@@ -43,16 +43,13 @@ def locations(cfg: Any) -> tuple[str, str]:
 def paths(cfg: Any) -> tuple[Path, Path]:
     """(dataset folder, training output folder) on this machine: the folders themselves, or the local
     mirrors of object-store locations."""
-    return tuple(mirror_dir(loc) if is_uri(loc) else local_path(loc) for loc in locations(cfg))  # type: ignore[return-value]
+    dataset, out = locations(cfg)
+    return local_folder(dataset), local_folder(out)
 
 
 def own_dataset(cfg: Any, dataset: Path) -> bool:
-    return dataset.resolve() == _run_dataset_dir(cfg).resolve() and "write" in cfg.stages
-
-
-def _run_dataset_dir(cfg: Any) -> Path:
-    run = cfg.output_location.rstrip("/")
-    return mirror_dir(f"{run}/dataset") if is_uri(run) else local_path(run) / "dataset"
+    run_dataset = local_folder(f"{cfg.output_location.rstrip('/')}/dataset")
+    return dataset.resolve() == run_dataset.resolve() and "write" in cfg.stages
 
 
 def dataset_fingerprint(cfg: Any, refuse: bool = True) -> str | None:

@@ -200,8 +200,7 @@ def evaluate(
         _say("error", str(err))
         raise typer.Exit(1) from None
     console = Console()
-    for name, path in done:
-        results = json.loads(path.read_text(encoding="utf-8"))
+    for name, path, results in done:
         pref, sens = results["preference"], results["sensitivity"]
         pope = ", ".join(f"{s} F1 {m['f1']:.3f}" for s, m in results["pope"].items())
         ratio = "-" if sens["ratio"] is None else f"{sens['ratio']:.2f}"

@@ -80,11 +80,9 @@ class PipelineConfig:
     def output_dir(self) -> Path:
         """A local folder for the run's files: the output folder itself, or for an object store its local
         mirror (see `pipeline.storage.Store.local_view`)."""
-        from pipeline.storage import is_uri, mirror_dir
+        from pipeline.storage import local_folder
 
-        if is_uri(self.output_location):
-            return mirror_dir(self.output_location)
-        return Path(self.output_location)
+        return local_folder(self.output_location)
 
     def to_dict(self) -> dict[str, Any]:
         """What determines the results (for cards and summaries): no paths, no scheduling settings."""

@@ -183,6 +183,11 @@ def _prune_empty(folder: Path) -> None:
                 d.rmdir()  # only succeeds when empty
 
 
+def local_folder(location: str | Path) -> Path:
+    """The folder on this machine that stands for a location: the folder itself, or an object store's mirror."""
+    return mirror_dir(str(location)) if is_uri(location) else local_path(location)
+
+
 def _snapshot(root: Path, folders: tuple[str, ...] | list[str]) -> dict[str, tuple[int, int]]:
     """rel path -> (size, mtime_ns) of the files under `folders` of a local folder ("": all of it)."""
     out: dict[str, tuple[int, int]] = {}

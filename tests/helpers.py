@@ -227,6 +227,18 @@ def publishable_source(folder: Path, rows: int = 6) -> Path:
     return path
 
 
+def grabcut_stages(source: Path) -> dict[str, Any]:
+    """The weight-free data path with GrabCut masks and the default noise: every stage runs real work."""
+    return {
+        "ingest": {"source": str(source), "format": "rlhf-v"},
+        "keywords": {},
+        "ground": {"backend": "annotations", "annotations": {"select": "all"}},
+        "segment": {"backend": "grabcut"},
+        "perturb": {},
+        "write": {},
+    }
+
+
 def publishable_stages(source: Path) -> dict[str, Any]:
     """A weight-free data path to a full dataset with boxes, masks and m' (fast enough for every publish test)."""
     return {

@@ -13,17 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SAMPLE_JSONL, cli, scored_stages, tree, write_config
+from helpers import REPO, SAMPLE_JSONL, cli, grabcut_stages, scored_stages, tree, write_config
 
 # The weight-free data path on the bundled sample; GrabCut makes each shard take long enough to be caught.
-STAGES = {
-    "ingest": {"source": str(SAMPLE_JSONL), "format": "rlhf-v"},
-    "keywords": {},
-    "ground": {"backend": "annotations", "annotations": {"select": "all"}},
-    "segment": {"backend": "grabcut"},
-    "perturb": {},
-    "write": {},
-}
+STAGES = grabcut_stages(SAMPLE_JSONL)
 
 
 def _actors_running_a_shard() -> list[int]:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import cli, dataset_rows, encode, photo, png_with_size, quarantine, write_config
+from helpers import cli, dataset_rows, encode, grabcut_stages, photo, png_with_size, quarantine, write_config
 from PIL import Image, ImageCms
 
 from pipeline.config import load_config
@@ -301,15 +301,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     source = data / "train.jsonl"
     source.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8", "surrogatepass"))
     out = root / "out"
-    stages = {
-        "ingest": {"source": str(source), "format": "rlhf-v"},
-        "keywords": {},
-        "ground": {"backend": "annotations", "annotations": {"select": "all"}},
-        "segment": {"backend": "grabcut"},
-        "perturb": {},
-        "write": {},
-    }
-    cfg = write_config(root / "cfg.yaml", source, out, stages=stages, shard_size=40)
+    cfg = write_config(root / "cfg.yaml", source, out, stages=grabcut_stages(source), shard_size=40)
     start = time.monotonic()
     proc = cli("run", str(cfg))
     elapsed = time.monotonic() - start
