@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from mfpo_eval.evaluate import evaluate, headline, write_results
+from mfpo_eval.generate import question_file
 from pipeline.errors import PipelineError
 from pipeline.storage import Store, atomic_write, is_uri, write_json, write_text
-from stages.common import ModelConfig
+from stages.common import ModelConfig, missing_model_dir
 
 log = logging.getLogger("mfpo")
 
@@ -80,6 +81,12 @@ def run_eval(
             target, name = base, "reference"
         targets = [(name, target)]
         root = cfg.output_dir / "eval"
+    key = "--model" if model is not None else "eval"
+    problems = [p for _, target in targets for p in missing_model_dir(target.model, key)]
+    if problems:
+        raise PipelineError(problems[0])
+    if settings.generate.questions:
+        question_file(settings.generate)  # a missing file is refused now, not after the scoring
     done = []
     for name, target in targets:
         log.info("eval: %s (%s) on split %s", name, target.model, settings.split)

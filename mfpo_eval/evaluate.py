@@ -26,7 +26,7 @@ from mfpo_eval.metrics import pope_metrics, pope_questions, pope_text, preferenc
 from pipeline.determinism import row_rng
 from pipeline.errors import PipelineError
 from pipeline.images import decode_rgb
-from stages.common import ModelConfig, decode_mask, select_dtype
+from stages.common import ModelConfig, decode_mask, loading, select_dtype
 from stages.perturb import composite, diffusion_noise, random_region
 from stages.vlm import Example, answer_logps, answer_spans, build_prompt, collate, load_vlm, with_answer
 
@@ -120,7 +120,8 @@ def evaluate(
     by_row: dict[int, list[tuple[int, str]]] = {}
     for (row, obj), k in asked.items():
         by_row.setdefault(row, []).append((k, obj))
-    net, processor, device = load_model(model, base)
+    with loading(model.model, "eval"):
+        net, processor, device = load_model(model, base)
     logp: dict[tuple[str, int], float] = {}
     # Rows a chunk at a time: the prepared sequences (pixel tensors) of a whole split would not fit in memory.
     chunk = max(16, cfg.batch_size)

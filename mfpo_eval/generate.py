@@ -72,15 +72,21 @@ class GenerateSettings(StrictModel):
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
 
 
-def read_questions(cfg: GenerateSettings) -> list[tuple[dict[str, Any], np.ndarray | None, str | None]]:
-    """(record without image bytes, image or None, error or None) per question, in file order."""
+def question_file(cfg: GenerateSettings) -> Path | None:
+    """The local question file (None: a Hub dataset id); a missing file is refused before any model loads."""
     assert cfg.questions is not None
     path = Path(cfg.questions).expanduser()
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson") or path.exists():
         if not path.is_file():
             raise PipelineError(f"eval.generate.questions: file not found: {cfg.questions}")
-        return _from_jsonl(path, cfg)
-    return _from_hub(cfg)
+        return path
+    return None
+
+
+def read_questions(cfg: GenerateSettings) -> list[tuple[dict[str, Any], np.ndarray | None, str | None]]:
+    """(record without image bytes, image or None, error or None) per question, in file order."""
+    path = question_file(cfg)
+    return _from_jsonl(path, cfg) if path is not None else _from_hub(cfg)
 
 
 def _from_jsonl(path: Path, cfg: GenerateSettings) -> list[tuple[dict[str, Any], np.ndarray | None, str | None]]:

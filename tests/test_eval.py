@@ -72,6 +72,9 @@ def test_eval_command_and_the_stages_table_in_the_card(trained):
     assert (trained[1] / "final" / "eval_stages.png").is_file() and (root / "stages.png").is_file()
     missing = cli("eval", cfg)  # no test split in this dataset
     assert missing.returncode == 1 and "eval.split: the dataset has no `test` split" in missing.stderr
+    nowhere = trained[0] / "no-such-model"
+    bad = cli("eval", cfg, "--split", "train", "--model", str(nowhere))  # refused before anything loads
+    assert bad.returncode == 1 and bad.stderr.strip() == f"error: --model: model directory {nowhere} does not exist"
 
 
 def test_answers_for_an_external_question_file_with_a_judge(trained, tmp_path):
