@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/loop_vs_pipeline.py --rows 100 --reps 2
     .venv/bin/python bench/loop_vs_pipeline.py --rows 1000 --reps 1
+    .venv/bin/python bench/loop_vs_pipeline.py --rows 100 --side 0     # the sample's own 320-pixel files
 
 The loop is what a quick script does: one process, batch 1, per row decode the JPEG, GrabCut from the row's
 box (5 iterations, OpenCV), forward-diffusion noise at t=500 inside the mask (diffusers' DDPMScheduler, sigmoid
 betas), encode the result as PNG, and at the end write one Parquet file. The pipeline runs
 `python -m pipeline run` with ingest -> keywords (lexicon) -> ground (the rows' own boxes) -> segment
 (grabcut) -> perturb (diffusion-noise, t=500) -> write, every other setting at its default (shard size,
-executor: an embedded Ray cluster on every core). Rows cycle through five photos of the bundled sample.
+executor: an embedded Ray cluster on every core). Rows cycle through five photos of the bundled sample, at
+1024 pixels on the long side by default (photo-sized: GrabCut then costs about 1.5 s a row, as in the measurement
+that opened issue 11; at the sample's 320 pixels a row costs 0.2 s and fixed start-up costs dominate).
 
 Runs are interleaved (loop, pipeline, loop, pipeline, ...) so that a machine that slows down or speeds up
 affects both. Wall time is measured around each child process; CPU time is the user + system time of every
@@ -60,8 +63,11 @@ pq.write_table(pa.Table.from_pylist(out), sys.argv[2], compression="zstd")
 """
 
 
-def write_source(root: Path, rows: int) -> Path:
-    """`rows` rows cycling through five photos of the bundled sample (each with one box)."""
+def write_source(root: Path, rows: int, side: int | None = None) -> Path:
+    """`rows` rows cycling through five photos of the bundled sample (each with one box), resized (Lanczos) to
+    `side` pixels on their long side, boxes scaled with them; None keeps the sample's 320-pixel files."""
+    from PIL import Image
+
     base = [json.loads(line) for line in (SAMPLE / "train.jsonl").read_text().splitlines() if line.strip()]
     photos: dict[str, dict] = {}
     for row in base:
@@ -70,12 +76,20 @@ def write_source(root: Path, rows: int) -> Path:
         if len(photos) == 5:
             break
     shutil.copytree(SAMPLE / "images", root / "images")
+    scale: dict[str, float] = {}
+    for name in photos:
+        with Image.open(root / name) as img:
+            scale[name] = 1.0 if side is None else side / max(img.size)
+            if side is not None:
+                size = (round(img.width * scale[name]), round(img.height * scale[name]))
+                img.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(root / name, quality=95)
     picked = list(photos.values())
     lines = []
     for i in range(rows):
         row = dict(picked[i % len(picked)])
         row["idx"] = i
-        row["annotations"] = row["annotations"][:1]
+        box = row["annotations"][0]["box"]
+        row["annotations"] = [{**row["annotations"][0], "box": [round(v * scale[row["image"]]) for v in box]}]
         lines.append(json.dumps(row))
     path = root / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -142,11 +156,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument(
+        "--side", type=int, default=1024, help="long side of the photos in pixels (0: the sample's 320-pixel files)"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mfpo-loop-"))
     try:
         (root / "src").mkdir()
-        source = write_source(root / "src", args.rows)
+        source = write_source(root / "src", args.rows, args.side or None)
         runs: dict[str, list[tuple[float, float]]] = {"loop": [], "pipeline": []}
         for rep in range(args.reps):
             loop_out = root / f"loop-{rep}.parquet"
@@ -162,12 +179,14 @@ def main() -> None:
         speedup = best["loop"] / best["pipeline"]
         cpu_ratio = cpu["pipeline"] / cpu["loop"]
         print(
-            f"{args.rows} rows on {os.cpu_count()} cores: loop {best['loop']:.1f} s, pipeline {best['pipeline']:.1f} s "
+            f"{args.rows} rows ({args.side or 320} px) on {os.cpu_count()} cores: loop {best['loop']:.1f} s, "
+            f"pipeline {best['pipeline']:.1f} s "
             f"-> pipeline is {speedup:.2f}x the loop's speed (target >= 1.8x); CPU time pipeline/loop "
             f"{cpu_ratio:.2f} (target <= 1.15)"
         )
         result = {
             "rows": args.rows,
+            "side_px": args.side or 320,
             "reps": args.reps,
             "cpus": os.cpu_count(),
             "machine": platform.platform(),
@@ -179,7 +198,9 @@ def main() -> None:
         }
         results = REPO / "bench" / "results"
         results.mkdir(exist_ok=True)
-        (results / f"loop_vs_pipeline-{args.rows}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (results / f"loop_vs_pipeline-{args.rows}-{args.side or 320}px.json").write_text(
+            json.dumps(result, indent=2) + "\n"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

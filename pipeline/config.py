@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 from pipeline.registry import get_stage
@@ -46,10 +46,27 @@ class RunConfig(StrictModel):
         None, description="Local folder or URI (s3://bucket/prefix, gs://...). Default: outputs/<run.name>."
     )
     seed: int = 0
-    shard_size: int = Field(256, ge=1, le=100_000, description="Rows per shard (unit of work and commit).")
+    shard_size: int | Literal["auto"] = Field(
+        "auto",
+        description="Rows per shard (the unit of work, commit and resume), or auto: chosen from the row count and "
+        "the cluster's CPUs when the rows are first planned, and kept in ingest/_stage.json for every resume.",
+    )
+    fuse_stages: bool = Field(
+        True,
+        description="Run consecutive stages with the same resources (no GPU, at most one model) in one worker pass "
+        "per shard; each still commits its own shard. false: one stage per pass.",
+    )
     executor: Literal["local", "ray"] = "ray"
     ray: RayConfig = Field(default_factory=RayConfig)
     progress: bool = True
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _rows_or_auto(cls, value: Any) -> int | str:
+        # One message for both forms (pydantic would report the int and the "auto" branch separately).
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100_000):
+            return value
+        raise ValueError("must be a number of rows from 1 to 100000, or auto")
 
 
 class _RawPipelineConfig(StrictModel):
@@ -86,8 +103,10 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """What determines the results (for cards and summaries): no paths, no scheduling settings."""
-        run = self.run.model_dump(mode="json", exclude={"output_dir", "ray", "executor", "progress"})
-        return {"run": run, "stages": {n: c.model_dump(mode="json") for n, c in self.stages.items()}}
+        run = self.run.model_dump(mode="json", exclude={"output_dir", "ray", "executor", "progress", "fuse_stages"})
+        # Stage resources are left out like the executor: they change speed, never results (nor fingerprints).
+        stages = {n: c.model_dump(mode="json", exclude={"resources"}) for n, c in self.stages.items()}
+        return {"run": run, "stages": stages}
 
     def resolved(self) -> dict[str, Any]:
         """Every section with its defaults filled in, minus what only says where and how fast this machine ran

@@ -1,9 +1,11 @@
-"""Executors run a stage's pending shards: in-process, or on a Ray actor pool.
+"""Executors run a run's passes (see pipeline.schedule): in-process, or on Ray actor pools.
 
-Both call `worker.run_shard`, so they write identical bytes. Ray runs one actor call per shard on a
-pool of actors that each build the stage and call `setup()` once (a model loads once per actor). We
-chose one-call-per-shard over Ray Data's `map_batches` because the shard is our unit of commit: output
-names, row order and resume stay exact without re-deriving them from Ray Data's block boundaries.
+Both call `worker.run_pass`, so they write identical bytes. Ray runs one actor call per pass and shard on a
+pool of actors per pass, each of which builds the pass's stages and sets each up once, on first use (a model
+loads once per actor). Pools of different passes run at the same time, as far as the cluster's resources
+allow: a shard committed upstream is handed to the next pass at once. We chose one call per shard over Ray
+Data's `map_batches` because the shard is our unit of commit: output names, row order and resume stay exact
+without re-deriving them from Ray Data's block boundaries.
 """
 
 from __future__ import annotations
@@ -13,96 +15,112 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline.config import RayConfig
 from pipeline.errors import PipelineError, first_line
-from pipeline.registry import get_stage
-from pipeline.stage import Resources, Stage, StageConfig, StageContext
-from pipeline.worker import ShardResult, ShardTask, run_shard
+from pipeline.schedule import Schedule
+from pipeline.stage import Resources, Stage
+from pipeline.worker import PassSpec, PassTask, ShardResult, run_pass
 
 log = logging.getLogger("mfpo")
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """Everything a worker needs to build a stage: picklable, no live objects."""
-
-    name: str
-    config: StageConfig
-    context: StageContext
-    prepared: Any = None  # the driver's prepare() result, for stages with global inputs
-
-    def build(self) -> Stage:
-        stage = get_stage(self.name)(self.config, self.context)
-        stage.prepared = self.prepared
-        return stage
-
-
-OnResult = Callable[[ShardResult], None]
-OnRows = Callable[[int], None]
 
 
 class Executor(Protocol):
     name: str
 
-    def run_stage(
-        self, spec: StageSpec, tasks: Iterator[ShardTask], num_tasks: int, on_result: OnResult, on_rows: OnRows
-    ) -> None: ...
+    def cpus(self) -> int:
+        """CPUs the run can use (the automatic shard size keeps them all busy)."""
+        ...
+
+    def run(self, schedule: Schedule) -> None: ...
 
     def close(self) -> None: ...
 
 
+def machine_cpus() -> int:
+    """This machine's CPUs as Ray counts them by default (this process's CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+class _PassStages:
+    """A worker's instances of one pass's stages, each built and set up when first needed (a stage with
+    nothing left to do on resume loads nothing)."""
+
+    def __init__(self, spec: PassSpec) -> None:
+        self.spec = spec
+        self.stages: dict[str, Stage] = {}
+
+    def __call__(self, name: str) -> Stage:
+        if name not in self.stages:
+            stage = self.spec.stage(name).build()
+            stage.setup()
+            self.stages[name] = stage
+        return self.stages[name]
+
+    def teardown(self) -> None:
+        for stage in self.stages.values():
+            stage.teardown()
+        self.stages.clear()
+
+
 class LocalExecutor:
-    """Runs shards one after another in this process (debugging, tests, tiny runs)."""
+    """Runs passes one shard after another in this process (debugging, tests, tiny runs): pass by pass, so one
+    pass's models are released before the next loads its own."""
 
     name = "local"
 
-    def run_stage(
-        self, spec: StageSpec, tasks: Iterator[ShardTask], num_tasks: int, on_result: OnResult, on_rows: OnRows
-    ) -> None:
-        stage: Stage | None = None
-        try:
-            for task in tasks:
-                if stage is None:  # no setup (model loading) when nothing is pending
-                    stage = spec.build()
-                    stage.setup()
-                on_result(run_shard(stage, task, on_rows))
-        finally:
-            if stage is not None:
-                stage.teardown()
+    def cpus(self) -> int:
+        return machine_cpus()  # the same automatic shard size, so the same bytes, as the default Ray cluster
+
+    def run(self, schedule: Schedule) -> None:
+        for g in range(len(schedule.groups)):
+            stages: _PassStages | None = None
+            try:
+                while (task := schedule.next_task(g)) is not None:
+                    stages = stages or _PassStages(schedule.spec(g))
+                    schedule.commit(run_pass(stages, task))
+            finally:
+                if stages is not None:
+                    stages.teardown()
+        if not schedule.complete():
+            raise PipelineError("the run stopped with shards left that nothing could start (a bug: see run.log)")
 
     def close(self) -> None:
         pass
 
 
 class _ShardActor:
-    """Ray actor: one stage instance, set up once, runs shard after shard.
+    """Ray actor: one pass's stages, each set up once, running shard after shard. An exception (in setup() too)
+    is raised by run(), so Ray reports it as the task's error with its real type and message."""
 
-    An exception in setup() is kept and raised by run(): Ray then reports it as the task's error, with
-    its real type and message, instead of "the actor died because of an error raised in its creation
-    task" (and does not restart an actor whose setup can only fail again)."""
+    def __init__(self, spec: PassSpec) -> None:
+        self.stages = _PassStages(spec)
 
-    def __init__(self, spec: StageSpec) -> None:
-        self.error: Exception | None = None
-        self.stage: Stage | None = None
-        try:
-            self.stage = spec.build()
-            self.stage.setup()
-        except Exception as err:
-            self.error = err
+    def setup(self, names: list[str]) -> None:
+        """Build and set up these stages ahead of their first shard. A failure is left for run() to raise again
+        and report: nothing waits on this call."""
+        for name in names:
+            with contextlib.suppress(Exception):
+                self.stages(name)
 
-    def run(self, task: ShardTask) -> ShardResult:
-        if self.error is not None:
-            raise self.error
-        assert self.stage is not None
-        return run_shard(self.stage, task)
+    def run(self, task: PassTask) -> list[ShardResult]:
+        return run_pass(self.stages, task)
 
     def teardown(self) -> None:
-        if self.stage is not None and self.error is None:
-            self.stage.teardown()
+        self.stages.teardown()
+
+
+@dataclass
+class _Pool:
+    actors: list[Any]
+    idle: list[Any] = field(default_factory=list)
+    cpus: float = 0.0  # what its actors hold, all together
+    gpus: float = 0.0
 
 
 class RayExecutor:
@@ -140,16 +158,21 @@ class RayExecutor:
             self._started_here = True
         return ray
 
-    def fit(self, ray: Any, res: Resources, num_tasks: int, stage: str) -> tuple[int, Resources]:
-        """Actor-pool size and per-actor resources for this cluster. A stage that asks for GPUs on a
-        cluster without any runs on CPU actors, with a warning, rather than waiting forever."""
-        total = ray.cluster_resources()
-        if res.gpus > 0 and total.get("GPU", 0) < res.gpus:
+    def fit(
+        self, ray: Any, res: Resources, num_tasks: int, stage: str, reserved: tuple[float, float] = (0.0, 0.0)
+    ) -> tuple[int, Resources]:
+        """Actor-pool size and per-actor resources for this cluster, beside pools already holding `reserved`
+        (CPUs, GPUs): at least one actor, so a pass never waits for another's pool to be released. A stage that
+        asks for GPUs on a cluster without any runs on CPU actors, with a warning, rather than waiting forever."""
+        total = dict(ray.cluster_resources())
+        total["CPU"] = total.get("CPU", 1) - reserved[0]
+        total["GPU"] = total.get("GPU", 0) - reserved[1]
+        if res.gpus > 0 and total["GPU"] + reserved[1] < res.gpus:
             log.warning(
                 "stage %s: asks for %.2g GPU per worker but the Ray cluster has %s; running on CPU",
                 stage,
                 res.gpus,
-                total.get("GPU", 0),
+                total["GPU"] + reserved[1],
             )
             res = Resources(res.cpus, 0.0, res.batch_size, res.workers)
         if res.workers is not None:
@@ -158,17 +181,19 @@ class RayExecutor:
         # the driver and object transfers.
         size = math.floor(max(total.get("CPU", 1) - 1, res.cpus) / res.cpus)
         if res.gpus > 0:
-            size = min(size, math.floor(total["GPU"] / res.gpus))
+            size = min(size, math.floor(max(total["GPU"], res.gpus) / res.gpus))
         return max(1, min(size, num_tasks)), res
 
-    def run_stage(
-        self, spec: StageSpec, tasks: Iterator[ShardTask], num_tasks: int, on_result: OnResult, on_rows: OnRows
-    ) -> None:
-        if num_tasks == 0:
-            return
-        ray = self._init()
-        res = Resources.from_config(spec.config.resources)
-        size, res = self.fit(ray, res, num_tasks, spec.name)
+    def cpus(self) -> int:
+        address = self.config.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            return max(1, int(self._init().cluster_resources().get("CPU", 1)))
+        return self.config.num_cpus or machine_cpus()
+
+    def _pool(self, ray: Any, schedule: Schedule, g: int, others: list[_Pool]) -> _Pool:
+        name = schedule.name(g)
+        reserved = (sum(p.cpus for p in others), sum(p.gpus for p in others))
+        size, res = self.fit(ray, schedule.resources(g), schedule.shards(g), name, reserved)
         # A worker process that dies mid-shard (OOM killer, preempted node, kill -9) is restarted and its shard
         # run again, a bounded number of times: a shard's output depends on its input only, and is written
         # atomically, so the retry gives the same bytes.
@@ -176,41 +201,57 @@ class RayExecutor:
         actor_cls = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=retries, max_task_retries=retries)(
             _ShardActor
         )
-        actors = [actor_cls.remote(spec) for _ in range(size)]
-        log.info("stage %s: %d Ray actor(s), %.2g CPU / %.2g GPU each", spec.name, size, res.cpus, res.gpus)
-        idle = list(actors)
-        in_flight: dict[Any, Any] = {}
-        pending = iter(tasks)
-        exhausted = False
+        actors = [actor_cls.remote(schedule.spec(g)) for _ in range(size)]
+        for actor in actors:  # set up now the stages that have work, so the first shard does not wait for it
+            actor.setup.remote(schedule.stages_with_work(g))
+        log.info("stage %s: %d Ray actor(s), %.2g CPU / %.2g GPU each", name, size, res.cpus, res.gpus)
+        return _Pool(actors, idle=list(actors), cpus=size * res.cpus, gpus=size * res.gpus)
+
+    def run(self, schedule: Schedule) -> None:
+        ray: Any = None
+        pools: dict[int, _Pool] = {}
+        in_flight: dict[Any, tuple[int, Any, PassTask]] = {}
+        started: set[int] = set()
+        current = ""
         try:
             while True:
-                # Submit lazily, one shard per idle actor, so the driver holds only what is in flight.
-                while idle and not exhausted:
-                    task = next(pending, None)
-                    if task is None:
-                        exhausted = True
-                        break
-                    actor = idle.pop()
-                    in_flight[actor.run.remote(task)] = actor
+                # Downstream passes first: a shard leaves the run as early as possible, and what is in flight
+                # (the driver holds only that) stays bounded by the pools' sizes.
+                for g in reversed(range(len(schedule.groups))):
+                    while g not in pools or pools[g].idle:
+                        task = schedule.next_task(g)
+                        if task is None:
+                            break
+                        if g not in pools:  # Ray starts only when there is work: a resume with none starts nothing
+                            ray = ray or self._init()
+                            pools[g] = self._pool(ray, schedule, g, list(pools.values()))
+                            started.add(g)
+                        actor = pools[g].idle.pop()
+                        in_flight[actor.run.remote(task)] = (g, actor, task)
+                    # The next pass's workers start (and load their models) while this pass works on its first
+                    # shards, rather than after.
+                    after = g + 1
+                    if g in started and after < len(schedule.groups) and after not in started and (
+                        not schedule.exhausted(after) and not schedule.waits_for_all(after)
+                    ):
+                        pools[after] = self._pool(ray, schedule, after, list(pools.values()))
+                        started.add(after)
+                for g in [g for g in pools if schedule.exhausted(g) and all(f[0] != g for f in in_flight.values())]:
+                    self._release(ray, pools.pop(g).actors)  # its CPUs and GPUs go to the passes still running
                 if not in_flight:
                     break
                 done, _ = ray.wait(list(in_flight), num_returns=1)
-                ref = done[0]
-                idle.append(in_flight.pop(ref))
-                result: ShardResult = ray.get(ref)
-                on_rows(result.rows_in)
-                on_result(result)
-        except ray.exceptions.RayTaskError as err:
-            raise PipelineError(f"stage {spec.name}: {root_cause(err)}") from err
-        except ray.exceptions.RayActorError as err:
-            raise PipelineError(
-                f"stage {spec.name}: a Ray worker process died {retries + 1} time(s) running one shard "
-                f"({first_line(err)}); see run.log and the Ray logs of its node"
-            ) from err
-        except ray.exceptions.RayError as err:
-            raise PipelineError(f"stage {spec.name}: Ray: {first_line(err)}") from err
+                g, actor, task = in_flight.pop(done[0])
+                current = schedule.name(g)
+                pools[g].idle.append(actor)
+                schedule.commit(ray.get(done[0]))
+        except ray_errors() as err:
+            raise translate(err, current, self.config.max_retries) from err
         finally:
-            self._release(ray, actors)
+            for pool in pools.values():
+                self._release(ray, pool.actors)
+        if not schedule.complete():
+            raise PipelineError("the run stopped with shards left that nothing could start (a bug: see run.log)")
 
     @staticmethod
     def _release(ray: Any, actors: list[Any]) -> None:
@@ -227,12 +268,38 @@ class RayExecutor:
             ray.shutdown()
 
 
-def root_cause(err: BaseException) -> str:
-    """One line naming the real error inside Ray's wrappers: `PipelineError` messages as they are, anything
-    else as `Type: message`."""
+def ray_errors() -> tuple[type[BaseException], ...]:
+    """Ray's exception base, without importing Ray when it is not installed or not started."""
+    ray = sys.modules.get("ray")
+    return (ray.exceptions.RayError,) if ray is not None else ()
+
+
+def translate(err: BaseException, current: str, retries: int) -> PipelineError:
+    """A Ray error as one line naming the stage and the real cause."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = _cause(err)
+        return PipelineError(f"stage {getattr(cause, 'mfpo_stage', current)}: {root_cause(err)}")
+    if isinstance(err, ray.exceptions.RayActorError):
+        return PipelineError(
+            f"stage {current}: a Ray worker process died {retries + 1} time(s) running one shard "
+            f"({first_line(err)}); see run.log and the Ray logs of its node"
+        )
+    return PipelineError(f"stage {current}: Ray: {first_line(err)}")
+
+
+def _cause(err: BaseException) -> BaseException:
     cause: BaseException = err
     while getattr(cause, "cause", None) is not None and cause is not cause.cause:  # type: ignore[attr-defined]
         cause = cause.cause  # type: ignore[attr-defined]
+    return cause
+
+
+def root_cause(err: BaseException) -> str:
+    """One line naming the real error inside Ray's wrappers: `PipelineError` messages as they are, anything
+    else as `Type: message`."""
+    cause = _cause(err)
     if isinstance(cause, PipelineError):
         return first_line(cause)
     return f"{type(cause).__name__}: {first_line(cause)}"

@@ -12,8 +12,11 @@ which are already clean.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,8 +92,13 @@ def validate_image(data: bytes, limits: ImageLimits) -> CleanImage:
     if min(rgb.size) < limits.min_side:
         raise RowError(f"image: too small ({rgb.width}x{rgb.height}; image.min_side={limits.min_side})")
     if fmt in _KEEP_AS_IS and source_mode == "RGB" and orientation in (None, 1) and not animated:
-        return CleanImage(data, rgb.width, rgb.height, reencoded=False)
-    return CleanImage(encode_png(rgb), rgb.width, rgb.height, reencoded=True)
+        clean = CleanImage(data, rgb.width, rgb.height, reencoded=False)
+    else:
+        clean = CleanImage(encode_png(rgb), rgb.width, rgb.height, reencoded=True)  # lossless: same pixels
+    cache = _PASS_CACHE.get()
+    if cache is not None:  # later stages of this pass decode the stored bytes to exactly these pixels
+        cache.put(clean.data, np.array(rgb))
+    return clean
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -139,7 +147,63 @@ def encode_png(img: Image.Image) -> bytes:
 
 
 def decode_rgb(image: dict | bytes) -> np.ndarray:
-    """A stored image (datasets Image struct or bytes) as an HxWx3 uint8 array."""
+    """A stored image (datasets Image struct or bytes) as an HxWx3 uint8 array, writable (torch warns on
+    read-only arrays). Inside `decode_once()`, an image already decoded by an earlier stage of the same
+    worker pass is copied from there instead of decoded again."""
     data = image["bytes"] if isinstance(image, dict) else image
+    cache = _PASS_CACHE.get()
+    if cache is not None:
+        hit = cache.get(data)
+        if hit is not None:
+            return hit.copy()
     with Image.open(io.BytesIO(data)) as img:
-        return np.array(to_rgb(img))  # a writable copy: torch warns on read-only arrays
+        arr = np.array(to_rgb(img))
+    if cache is not None:
+        cache.put(data, arr.copy())
+    return arr
+
+
+class _DecodeCache:
+    """Decoded images of one worker pass, keyed by their encoded bytes, oldest dropped first past `max_bytes`.
+
+    Keyed by content, not by object: every stage gets its own Python `bytes` for the same Arrow value. A hit is
+    checked byte for byte, so two images can never be confused."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.entries: OrderedDict[int, tuple[bytes, np.ndarray]] = OrderedDict()
+
+    def get(self, data: bytes) -> np.ndarray | None:
+        entry = self.entries.get(hash(data))
+        if entry is None or entry[0] != data:
+            return None
+        self.entries.move_to_end(hash(data))
+        return entry[1]
+
+    def put(self, data: bytes, arr: np.ndarray) -> None:
+        if arr.nbytes > self.max_bytes:
+            return
+        key = hash(data)
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.size -= old[1].nbytes
+        self.entries[key] = (data, arr)
+        self.size += arr.nbytes
+        while self.size > self.max_bytes:
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.size -= dropped.nbytes
+
+
+_PASS_CACHE: contextvars.ContextVar[_DecodeCache | None] = contextvars.ContextVar("mfpo_decode_cache", default=None)
+
+
+@contextlib.contextmanager
+def decode_once(max_bytes: int = 512 * 1024 * 1024) -> Iterator[None]:
+    """Within this block `decode_rgb` decodes each distinct image once (up to `max_bytes` of decoded pixels
+    kept): the engine opens it around one worker pass, in which several stages read the same images."""
+    token = _PASS_CACHE.set(_DecodeCache(max_bytes))
+    try:
+        yield
+    finally:
+        _PASS_CACHE.reset(token)

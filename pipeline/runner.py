@@ -21,18 +21,23 @@ import pyarrow as pa
 from pipeline.config import PipelineConfig
 from pipeline.determinism import stable_hash
 from pipeline.errors import PipelineError, describe_os_error
-from pipeline.executors import Executor, StageSpec, make_executor
+from pipeline.executors import Executor, make_executor
 from pipeline.progress import make_progress
 from pipeline.registry import get_stage, run_hooks
+from pipeline.schedule import Schedule, StageRun
 from pipeline.stage import ALL_COLUMNS, SourceStage, Stage, StageContext
 from pipeline.storage import CommitRecord, RunLayout, StageState, Store
-from pipeline.worker import InputPart, ShardResult, ShardTask, load_input
+from pipeline.worker import InputPart, ShardResult, ShardTask, StageSpec, load_input, record_fields
 
 log = logging.getLogger("mfpo")
 # What end-of-run hooks (the dataset card) read from the run: synced locally when the run is on an object store.
 HOOK_INPUTS = ("dataset", "quarantine", "ingest")
 # Quarantine reason kind of rows that failed on a transient error (an endpoint's 503): retried on the next run.
 TRANSIENT = "transient"
+# run.shard_size auto: shards per CPU of the cluster, and the bounds on rows per shard (see Runner._shard_size).
+SHARDS_PER_CPU = 16
+MIN_AUTO_SHARD = 4
+MAX_AUTO_SHARD = 256
 
 
 @dataclass
@@ -60,7 +65,7 @@ class Runner:
     # ----------------------------------------------------------------------------- building blocks
     def context(self, name: str) -> StageContext:
         run = self.config.run
-        return StageContext(stage=name, seed=run.seed, shard_size=run.shard_size, run_name=run.name)
+        return StageContext(stage=name, seed=run.seed, run_name=run.name)
 
     def stage(self, name: str) -> Stage:
         if name not in self._stages:
@@ -140,22 +145,42 @@ class Runner:
             elif force:
                 redo = {only} if only else set(self.names)
             self.layout.sweep_run_temp_files()
-            self._check([n for n in self.names if not only or n == only])
+            selected = [n for n in self.names if not only or n == only]
+            self._check(selected)
+            if only and self.names.index(only) > 0:
+                self._require_done(self.names[self.names.index(only) - 1], only)
             progress = make_progress(self.config.run.progress)
             try:
                 with progress:
-                    for i, name in enumerate(self.names):
-                        if only and name != only:
-                            continue
-                        if i > 0:
-                            self._require_done(self.names[i - 1], name)
+                    runs: list[StageRun] = []
+                    for name in selected:
                         try:
-                            self._run_stage(i, name, reset=name in redo, progress=progress)
-                        except OSError as err:  # the store: a full disk, a read-only folder, a lost bucket
-                            raise PipelineError(f"stage {name}: {describe_os_error(err)}") from err
+                            runs.append(self._prepare_stage(name, name in redo, runs[-1] if runs else None))
+                        except OSError as err:
+                            err.mfpo_stage = name  # type: ignore[attr-defined]
+                            raise
+                    schedule = Schedule(
+                        runs,
+                        self.config.run.fuse_stages,
+                        self._shard_task,
+                        self._prepare_global,
+                        self._commit,
+                        progress,
+                    )
+                    if len(schedule.groups) < len(runs):
+                        log.info("passes: %s", " | ".join(schedule.name(g) for g in range(len(schedule.groups))))
+                    if not schedule.complete():
+                        self._executor_or_default().run(schedule)
+            except OSError as err:  # the store: a full disk, a read-only folder, a lost bucket
+                where = getattr(err, "mfpo_stage", None)
+                message = describe_os_error(err)
+                raise PipelineError(f"stage {where}: {message}" if where else message) from err
             finally:
                 if self._executor is not None:
                     self._executor.close()
+            for st in self.status():
+                if st.name in selected and st.state != "done":
+                    raise PipelineError(f"stage {st.name}: only {st.shards_done} of {st.num_shards} shards committed")
             self._write_summary()
             self._run_hooks()
 
@@ -190,7 +215,10 @@ class Runner:
                 f"stage {name} needs {upstream}, which is {st.state}; run without --only (or --from {upstream})"
             )
 
-    def _run_stage(self, index: int, name: str, reset: bool, progress: Any) -> None:
+    def _prepare_stage(self, name: str, reset: bool, upstream: StageRun | None) -> StageRun:
+        """A stage's part of this run: its files checked against its fingerprint (cleared when stale or redone),
+        its shards, what is committed, and shards that had transient failures withdrawn for another try."""
+        index = self.names.index(name)
         stage = self.stage(name)
         fp = self.fingerprints()[name]
         state = self.layout.read_state(name)
@@ -202,15 +230,19 @@ class Runner:
         self.layout.sweep_temp_files(name, stage.output_root())
 
         plan: pa.Table | None = None
+        shard_size = 0
         if isinstance(stage, SourceStage):
             plan = self._plan(stage, fp, state)
-            num_shards = max(1, math.ceil(plan.num_rows / self.config.run.shard_size))
-        else:
+            shard_size = self._shard_size(plan.num_rows, state)
+            num_shards = max(1, math.ceil(plan.num_rows / shard_size))
+        elif upstream is not None:
+            num_shards = upstream.num_shards
+        else:  # --only: the stage before it is done
             upstream_state = self.layout.read_state(self.names[index - 1])
             assert upstream_state is not None and upstream_state.num_shards is not None
             num_shards = upstream_state.num_shards
         if state is None:
-            self.layout.write_state(name, StageState(fp, num_shards))
+            self.layout.write_state(name, StageState(fp, num_shards, shard_size or None))
 
         done = self.layout.committed(name, fp, num_shards)
         retry = sorted(k for k, rec in done.items() if TRANSIENT in rec.reasons)
@@ -218,49 +250,46 @@ class Runner:
             log.info("stage %s: %d shard(s) had rows fail on transient errors; running them again", name, len(retry))
             self._invalidate(index, retry, num_shards)
             done = {k: rec for k, rec in done.items() if k not in retry}
-        pending = [k for k in range(num_shards) if k not in done]
-        rows_of = self._rows_per_shard(index, num_shards, plan)
-        task_id = progress.add_task(name, total=sum(rows_of), completed=sum(rows_of[k] for k in done))
-        started = time.perf_counter()
+        pending = num_shards - len(done)
         if pending:
-            log.info("stage %s: %d of %d shard(s) to do (fingerprint %s)", name, len(pending), num_shards, fp)
+            log.info("stage %s: %d of %d shard(s) to do (fingerprint %s)", name, pending, num_shards, fp)
         else:
             log.info("stage %s: all %d shard(s) already done", name, num_shards)
+        spec = StageSpec(name, self.config.stages[name], self.context(name))
+        return StageRun(index, name, stage, spec, fp, num_shards, done, plan, shard_size)
 
-        def on_result(result: ShardResult) -> None:
-            self.layout.commit(name, CommitRecord(fingerprint=fp, **asdict(result)))
-            log.debug(
-                "stage %s: committed shard %d (%d kept, %d quarantined)",
-                name,
-                result.shard,
-                result.rows_out,
-                result.rows_quarantined,
-            )
+    def _shard_size(self, rows: int, state: StageState | None) -> int:
+        """`run.shard_size`, or for auto the size recorded when these rows were planned, or a new choice: about
+        SHARDS_PER_CPU shards per CPU (every worker busy, a short tail when the last shards finish), within
+        [MIN_AUTO_SHARD, MAX_AUTO_SHARD] rows (per-shard overhead below, a worker's memory above)."""
+        configured = self.config.run.shard_size
+        if configured != "auto":
+            return configured
+        if state is not None and state.shard_size:
+            return state.shard_size
+        cpus = self._executor_or_default().cpus()
+        size = min(MAX_AUTO_SHARD, max(MIN_AUTO_SHARD, math.ceil(rows / (SHARDS_PER_CPU * cpus))))
+        log.info("run.shard_size auto: %d rows per shard (%d rows, %d CPUs)", size, rows, cpus)
+        return size
 
-        prepared = None
-        if stage.global_inputs and pending:
-            everything = self._tasks(
-                index, name, stage, list(range(num_shards)), num_shards, None, rows_of, columns=stage.global_inputs
-            )
-            prepared = stage.prepare(pa.concat_tables(load_input(t) for t in everything))
-        spec = StageSpec(name, self.config.stages[name], self.context(name), prepared)
-        tasks = self._tasks(index, name, stage, pending, num_shards, plan, rows_of)
-        self._executor_or_default().run_stage(
-            spec, tasks, len(pending), on_result, lambda n: progress.advance(task_id, n)
+    def _commit(self, run: StageRun, result: ShardResult) -> None:
+        try:
+            self.layout.commit(run.name, CommitRecord(fingerprint=run.fingerprint, **record_fields(result)))
+        except OSError as err:
+            err.mfpo_stage = run.name  # type: ignore[attr-defined]
+            raise
+        log.debug(
+            "stage %s: committed shard %d (%d kept, %d quarantined)",
+            run.name,
+            result.shard,
+            result.rows_out,
+            result.rows_quarantined,
         )
-        st = next(s for s in self.status() if s.name == name)
-        if st.state != "done":
-            raise PipelineError(f"stage {name}: only {st.shards_done} of {num_shards} shards committed")
-        elapsed = time.perf_counter() - started
-        log.info(
-            "stage %s: %d rows in, %d kept, %d quarantined%s (%.1f s)",
-            name,
-            st.rows_in,
-            st.rows_kept,
-            st.rows_quarantined,
-            f" {st.reasons}" if st.reasons else "",
-            elapsed,
-        )
+
+    def _prepare_global(self, run: StageRun) -> Any:
+        """The driver's prepare() of a stage with global inputs, on those columns of every upstream row."""
+        everything = [self._shard_task(run, k, columns=run.stage.global_inputs) for k in range(run.num_shards)]
+        return run.stage.prepare(pa.concat_tables(load_input(t) for t in everything))
 
     def _invalidate(self, index: int, shards: list[int], num_shards: int) -> None:
         """Withdraw the commits of these shards at stage `index` and of what later stages made from them (all
@@ -290,49 +319,31 @@ class Runner:
         self.layout.store.write_parquet(path, plan)
         return plan
 
-    def _rows_per_shard(self, index: int, num_shards: int, plan: pa.Table | None) -> list[int]:
-        if plan is not None:
-            size = self.config.run.shard_size
-            return [min(size, max(plan.num_rows - k * size, 0)) for k in range(num_shards)]
-        upstream = self.names[index - 1]
-        records = self.layout.committed(upstream, self.fingerprints()[upstream], num_shards)
-        return [records[k].rows_out for k in range(num_shards)]
-
-    def _tasks(
-        self,
-        index: int,
-        name: str,
-        stage: Stage,
-        pending: list[int],
-        num_shards: int,
-        plan: pa.Table | None,
-        rows_of: list[int],
-        columns: tuple[str, ...] | None = None,
-    ) -> Iterator[ShardTask]:
-        producers = self._producers(index)
+    def _shard_task(self, run: StageRun, k: int, columns: tuple[str, ...] | None = None) -> ShardTask:
+        """What a worker needs to run shard k of a stage: its slice of the plan, or the upstream files to read."""
+        producers = self._producers(run.index)
+        stage = run.stage
         wanted = list(columns) if columns else list(producers) if stage.inputs == ALL_COLUMNS else list(stage.inputs)
-        for k in pending:
-            task = ShardTask(
-                shard=k,
-                num_shards=num_shards,
-                rows_in=rows_of[k],
-                store=self.layout.store,
-                quarantine=self.layout.quarantine_path(name, k),
-                columns=tuple(wanted),
-            )
-            if plan is not None:
-                size = self.config.run.shard_size
-                task.plan = plan.slice(k * size, size)
-            else:
-                previous = self.stage(self.names[index - 1])
-                task.survivors = previous.output_path(k, num_shards)
-                by_stage: dict[str, list[str]] = {}
-                for col in wanted:
-                    by_stage.setdefault(producers[col], []).append(col)
-                task.parts = [
-                    InputPart(self.stage(p).output_path(k, num_shards), tuple(cols)) for p, cols in by_stage.items()
-                ]
-            yield task
+        task = ShardTask(
+            stage=run.name,
+            shard=k,
+            num_shards=run.num_shards,
+            store=self.layout.store,
+            quarantine=self.layout.quarantine_path(run.name, k),
+            columns=tuple(wanted),
+        )
+        if run.plan is not None:
+            task.plan = run.plan.slice(k * run.shard_size, run.shard_size)
+        else:
+            previous = self.stage(self.names[run.index - 1])
+            task.survivors = previous.output_path(k, run.num_shards)
+            by_stage: dict[str, list[str]] = {}
+            for col in wanted:
+                by_stage.setdefault(producers[col], []).append(col)
+            task.parts = [
+                InputPart(self.stage(p).output_path(k, run.num_shards), tuple(cols)) for p, cols in by_stage.items()
+            ]
+        return task
 
     def _producers(self, index: int) -> dict[str, str]:
         """Column -> the latest stage before `index` that produces it, in production order."""

@@ -73,7 +73,6 @@ class StageContext:
 
     stage: str
     seed: int
-    shard_size: int
     run_name: str
 
     def rng(self, sample_id: str) -> np.random.Generator:
@@ -118,6 +117,12 @@ class Stage(ABC):
     @property
     def resources(self) -> Resources:
         return Resources.from_config(self.config.resources)
+
+    @property
+    def loads_model(self) -> bool:
+        """Whether setup() loads model weights: the engine fuses at most one such stage into a worker pass, so a
+        worker never holds two models at once."""
+        return False
 
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models or open sources, once per worker."""
@@ -208,7 +213,8 @@ class SourceStage(Stage):
     """The first stage: it reads rows from outside the run.
 
     `plan()` runs once on the driver and returns one row per input row, in output order, with at least
-    `sample_id`; the engine stores the plan and cuts it into shards of `run.shard_size` rows. Each
+    `sample_id`; the engine stores the plan and cuts it into shards of `run.shard_size` rows (or the
+    size it chose for `auto`). Each
     shard's slice of the plan is then the `table` handed to `process_batch`, which reads the rows it
     names from the source.
     """

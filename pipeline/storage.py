@@ -566,6 +566,7 @@ class StageState:
 
     fingerprint: str
     num_shards: int | None = None
+    shard_size: int | None = None  # source stages: rows per shard, as chosen when the rows were planned
 
     @classmethod
     def parse(cls, data: Any) -> StageState | None:
@@ -654,7 +655,10 @@ class RunLayout:
         return StageState.parse(self.store.read_json(self.state_path(stage)))
 
     def write_state(self, stage: str, state: StageState) -> None:
-        self.store.write_json(self.state_path(stage), asdict(state))
+        data = asdict(state)
+        if state.shard_size is None:
+            del data["shard_size"]
+        self.store.write_json(self.state_path(stage), data)
 
     def committed(self, stage: str, fingerprint: str, num_shards: int) -> dict[int, CommitRecord]:
         out: dict[int, CommitRecord] = {}

@@ -1,7 +1,10 @@
 """What a worker does with one shard: read its input, run the stage batch by batch, write the outputs.
 
-The same function runs in-process (local executor) and inside Ray actors, so both executors produce
-the same bytes. The completion record is written by the driver once this returns.
+`run_pass` runs one shard through several consecutive stages (a fused pass): each stage writes its own
+shard files as usual, and the next stage takes them from memory instead of reading them back, with each
+image decoded once for the whole pass. The same functions run in-process (local executor) and inside Ray
+actors, so both executors produce the same bytes. The completion records are written by the driver once a
+pass returns.
 """
 
 from __future__ import annotations
@@ -10,13 +13,42 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import PipelineError
-from pipeline.stage import PROVENANCE_PREFIX, Rejection, Stage
+from pipeline.images import decode_once
+from pipeline.registry import get_stage
+from pipeline.stage import PROVENANCE_PREFIX, Rejection, Stage, StageConfig, StageContext
 from pipeline.storage import QUARANTINE_SCHEMA, Store
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a worker needs to build a stage: picklable, no live objects."""
+
+    name: str
+    config: StageConfig
+    context: StageContext
+    prepared: Any = None  # the driver's prepare() result, for stages with global inputs
+
+    def build(self) -> Stage:
+        stage = get_stage(self.name)(self.config, self.context)
+        stage.prepared = self.prepared
+        return stage
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """The stages a worker runs one after another on each shard it is given (see pipeline.schedule)."""
+
+    key: int
+    stages: tuple[StageSpec, ...]
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)
 
 
 @dataclass(frozen=True)
@@ -29,9 +61,9 @@ class InputPart:
 
 @dataclass
 class ShardTask:
+    stage: str
     shard: int
     num_shards: int
-    rows_in: int
     store: Store  # the run's output folder or bucket: the worker opens it itself
     quarantine: str  # path of the quarantine shard, relative to the store
     plan: pa.Table | None = None  # source stages: this shard's slice of the plan
@@ -41,7 +73,16 @@ class ShardTask:
 
 
 @dataclass
+class PassTask:
+    """One shard for the stages of a pass that have not committed it yet, in stage order."""
+
+    shard: int
+    steps: list[ShardTask]
+
+
+@dataclass
 class ShardResult:
+    stage: str
     shard: int
     rows_in: int
     rows_out: int
@@ -50,16 +91,38 @@ class ShardResult:
     reasons: dict[str, int]
 
 
-def load_input(task: ShardTask) -> pa.Table:
+# Shard files written earlier in the same pass, by path: what `load_input` would read back from the store.
+Written = dict[str, pa.Table]
+
+
+def _read(task: ShardTask, path: str, columns: list[str], written: Written | None) -> pa.Table:
+    if written is not None and path in written:
+        return written[path].select(columns)
+    return task.store.read_parquet(path, columns=columns)
+
+
+def record_fields(result: ShardResult) -> dict[str, Any]:
+    """A result's fields as its commit record holds them (the record adds the stage's fingerprint)."""
+    return {
+        "shard": result.shard,
+        "rows_in": result.rows_in,
+        "rows_out": result.rows_out,
+        "rows_quarantined": result.rows_quarantined,
+        "data_sha256": result.data_sha256,
+        "reasons": result.reasons,
+    }
+
+
+def load_input(task: ShardTask, written: Written | None = None) -> pa.Table:
     """The rows a stage processes for one shard: upstream columns joined on sample_id."""
     if task.plan is not None:
         return task.plan
     assert task.survivors is not None
-    ids = task.store.read_parquet(task.survivors, columns=["sample_id"]).column("sample_id").combine_chunks()
+    ids = _read(task, task.survivors, ["sample_id"], written).column("sample_id").combine_chunks()
     columns: dict[str, pa.ChunkedArray | pa.Array] = {"sample_id": ids}
     metadata: dict[bytes, bytes] = {}
     for part in task.parts:
-        table = task.store.read_parquet(part.path, columns=["sample_id", *part.columns])
+        table = _read(task, part.path, ["sample_id", *part.columns], written)
         # Provenance a stage recorded about its columns (`mfpo.*` schema metadata) travels with them.
         metadata.update({k: v for k, v in (table.schema.metadata or {}).items() if k.startswith(PROVENANCE_PREFIX)})
         # Every stage keeps its input order and only drops rows, so filtering an earlier stage's shard
@@ -78,8 +141,25 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip()[:80]
 
 
-def run_shard(stage: Stage, task: ShardTask, on_rows: Callable[[int], None] | None = None) -> ShardResult:
-    table = load_input(task)
+def run_pass(stages: Callable[[str], Stage], task: PassTask) -> list[ShardResult]:
+    """One shard through consecutive stages, each image decoded once. `stages(name)` gives the worker's set-up
+    instance of a stage. An exception names the stage it came from in its `mfpo_stage` attribute."""
+    written: Written = {}
+    results = []
+    with decode_once():
+        for step in task.steps:
+            try:
+                results.append(run_shard(stages(step.stage), step, written=written))
+            except Exception as err:
+                err.mfpo_stage = step.stage  # type: ignore[attr-defined]
+                raise
+    return results
+
+
+def run_shard(
+    stage: Stage, task: ShardTask, on_rows: Callable[[int], None] | None = None, written: Written | None = None
+) -> ShardResult:
+    table = load_input(task, written)
     schema = stage.output_schema(table.schema)
     batch_size = stage.resources.batch_size
     outputs: list[pa.Table] = []
@@ -105,17 +185,20 @@ def run_shard(stage: Stage, task: ShardTask, on_rows: Callable[[int], None] | No
         task.store.write_parquet(task.quarantine, _quarantine_table(stage.name, rejected))
     else:
         task.store.remove(task.quarantine)  # left by an earlier attempt of a redone stage
-    shas = [
-        task.store.write_parquet(path, part)
-        for path, part in stage.output_files(out.combine_chunks(), task.shard, task.num_shards)
-    ]
+    shas = []
+    for path, part in stage.output_files(out.combine_chunks(), task.shard, task.num_shards):
+        shas.append(task.store.write_parquet(path, part))
+        if written is not None:
+            written[path] = part
     # One file: its hash (what every record held before stages could split); several: a hash of their hashes.
     sha = shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
     reasons: dict[str, int] = {}
     for r in rejected:
         kind = reason_kind(r.reason)
         reasons[kind] = reasons.get(kind, 0) + 1
-    return ShardResult(task.shard, table.num_rows, out.num_rows, len(rejected), sha, dict(sorted(reasons.items())))
+    return ShardResult(
+        task.stage, task.shard, table.num_rows, out.num_rows, len(rejected), sha, dict(sorted(reasons.items()))
+    )
 
 
 def _quarantine_table(stage: str, rejected: list[Rejection]) -> pa.Table:

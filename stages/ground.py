@@ -108,6 +108,10 @@ class Ground(Stage):
             self.device = select_device(self.resources.gpus, self.name)
             self.worker = _PackageWorker(cfg.groundingdino_py, self.device.type)
 
+    @property
+    def loads_model(self) -> bool:
+        return self.config.backend != "annotations"
+
     def check(self) -> list[str]:
         cfg = self.config
         if cfg.backend == "grounding-dino":

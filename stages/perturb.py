@@ -110,6 +110,10 @@ class Perturb(Stage):
     outputs: ClassVar[tuple[str, ...]] = ("rejected_image", "mask", "mask_area", "perturbation")
     config: PerturbConfig
 
+    @property
+    def loads_model(self) -> bool:
+        return self.config.method == "inpaint"
+
     def check(self) -> list[str]:
         if self.config.method == "inpaint":
             return self.config.inpaint.model.missing_local("stages.perturb.inpaint.model.model")

@@ -61,6 +61,10 @@ class Score(Stage):
     )
     config: ScoreConfig
 
+    @property
+    def loads_model(self) -> bool:
+        return True
+
     def check(self) -> list[str]:
         return self.config.model.missing_local("stages.score.model.model")
 

@@ -75,6 +75,10 @@ class Segment(Stage):
     outputs: ClassVar[tuple[str, ...]] = ("mask", "mask_area", "box_masks", "mask_scores")
     config: SegmentConfig
 
+    @property
+    def loads_model(self) -> bool:
+        return self.config.backend not in ("grabcut", "box")
+
     def check(self) -> list[str]:
         cfg = self.config
         if cfg.backend == "sam":

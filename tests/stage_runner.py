@@ -12,7 +12,7 @@ from pipeline.stage import BatchResult, Stage, StageContext
 
 def build_stage(name: str, config: dict[str, Any], seed: int = 0) -> Stage:
     cls = get_stage(name)
-    stage = cls(cls.Config.model_validate(config), StageContext(stage=name, seed=seed, shard_size=256, run_name="t"))
+    stage = cls(cls.Config.model_validate(config), StageContext(stage=name, seed=seed, run_name="t"))
     stage.setup()
     return stage
 

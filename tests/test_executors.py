@@ -1,11 +1,14 @@
-"""The local and Ray executors write the same files, byte for byte, from the same config."""
+"""The local and Ray executors write the same files, byte for byte, from the same config; so do fused passes
+and one stage per pass, with shards streaming from one stage's Ray pool to the next."""
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import pytest
-from helpers import cli, encode, quarantine, rlhfv_line, tree, write_config, write_source
+from helpers import SAMPLE_JSONL, cli, encode, grabcut_stages, quarantine, rlhfv_line, tree, write_config, write_source
 from PIL import Image
 
 
@@ -27,3 +30,63 @@ def test_local_and_ray_give_identical_outputs(tmp_path: Path):
     assert outputs["local"] == outputs["ray"]
     assert len([k for k in outputs["ray"] if k.startswith("dataset/data/")]) == 9
     assert set(quarantine(tmp_path / "ray")) == {"100", "101"}
+
+
+def _commit_times(log: str) -> dict[str, list[str]]:
+    """Stage -> the times (as logged) at which its shards were committed, in order."""
+    out: dict[str, list[str]] = {}
+    for time_, stage in re.findall(r"^\S+ (\S+) DEBUG mfpo: stage (\w+): committed shard", log, re.M):
+        out.setdefault(stage, []).append(time_)
+    return out
+
+
+@pytest.mark.ray
+def test_fused_passes_and_streaming_stages_give_identical_outputs(tmp_path: Path):
+    """The weight-free path (GrabCut, noise) three ways: in-process with every stage in one pass; on Ray with the
+    default passes (one); on Ray with segment on resources of its own, so three passes on three pools, where
+    shards must stream: perturb commits shards while segment is still working. Same bytes every time."""
+    outputs, logs = {}, {}
+    for name, executor, own_pool in (("local", "local", False), ("ray", "ray", False), ("stream", "ray", True)):
+        stages = grabcut_stages(SAMPLE_JSONL)
+        stages["ingest"]["limit"] = 16
+        for stage in stages.values():  # pools that fit side by side on the 2 CPUs of the test cluster
+            stage["resources"] = {"workers": 1}
+        if own_pool:
+            stages["segment"]["resources"] = {"workers": 1, "cpus": 1}
+        cfg = write_config(
+            tmp_path / f"{name}.yaml", SAMPLE_JSONL, tmp_path / name, executor=executor, shard_size=2, stages=stages
+        )
+        cli("run", str(cfg), check=True)
+        outputs[name] = tree(tmp_path / name)
+        logs[name] = (tmp_path / name / "run.log").read_text()
+    assert "passes: ingest+keywords+ground+segment+perturb+write" in logs["ray"]
+    assert "passes: ingest+keywords+ground | segment | perturb+write" in logs["stream"]
+    assert outputs["local"] == outputs["ray"] == outputs["stream"]
+    assert len([k for k in outputs["local"] if k.startswith("dataset/data/")]) == 8
+    times = _commit_times(logs["stream"])
+    assert min(times["perturb"]) < max(times["segment"]), "perturb waited for every segment shard"
+    again = cli("run", str(tmp_path / "ray.yaml"), check=True)  # nothing left to do: no Ray, no worker starts
+    assert "starting Ray" not in again.stderr and "actor" not in again.stderr
+    assert tree(tmp_path / "ray") == outputs["ray"]
+
+
+def test_a_pass_decodes_each_image_once(monkeypatch: pytest.MonkeyPatch):
+    """Inside a worker pass (decode_once), the stages after ingest get ingest's pixels without decoding again;
+    every caller gets its own writable copy; outside a pass every call decodes."""
+    import numpy as np
+
+    from pipeline import images
+
+    data = encode(Image.new("RGB", (40, 30), (10, 200, 30)), "JPEG")
+    opened = []
+    real_open = images.Image.open
+    monkeypatch.setattr(images.Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    with images.decode_once():
+        images.validate_image(data, images.ImageLimits())  # ingest
+        first, second = images.decode_rgb(data), images.decode_rgb({"bytes": data, "path": None})  # two stages
+    assert len(opened) == 1
+    first[0, 0] = 0  # a stage that draws on its copy changes nobody else's
+    assert first.flags.writeable and not np.array_equal(first, second)
+    assert np.array_equal(second, np.asarray(real_open(io.BytesIO(data)).convert("RGB")))
+    images.decode_rgb(data)
+    assert len(opened) == 2

@@ -38,10 +38,14 @@ def test_sigkill_mid_stage_then_resume_is_identical(tmp_path: Path, source: Path
     cfg = write_config(tmp_path / "cfg.yaml", source, out, shard_size=1)
     done = _kill_when(cfg, out / "ingest" / "_commits", 60)
     assert 60 <= done < ROWS, "killed in the middle of ingest"
+    # Shards stream: write committed shards while ingest was still running, never one ingest had not committed.
+    written = {p.name for p in (out / "write" / "_commits").glob("*.json")}
+    assert written and written <= {p.name for p in (out / "ingest" / "_commits").glob("*.json")}
     done = _kill_when(cfg, out / "write" / "_commits", 80)
     assert 80 <= done < ROWS, "killed in the middle of write"
     status = json.loads(cli("status", str(cfg), "--json", check=True).stdout)["stages"]
-    assert [s["state"] for s in status] == ["done", "partial"]
+    assert [s["state"] for s in status] == ["partial", "partial"]
+    assert status[0]["shards_done"] >= status[1]["shards_done"]
     cli("run", str(cfg), check=True)
 
     assert tree(out) == tree(reference)  # same files, same bytes: no loss, no duplicates
