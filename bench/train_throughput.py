@@ -1,31 +1,58 @@
-"""Training samples/s: the MFPO trainer against TRL's DPOTrainer (plain DPO) on the same model, batch,
-steps and hardware, measured in one run.
+"""Training samples/s: the MFPO trainer (prefix sharing on and off) against TRL's DPOTrainer (plain DPO) on the
+same model, rows, batch, optimizer settings and hardware, measured in one process, interleaved.
 
-    python bench/train_throughput.py                     # tiny random-weight LLaVA, CPU
-    python bench/train_throughput.py --size 7b --lora    # LLaVA-1.5-7B shapes, random weights, on a GPU
+    python bench/train_throughput.py                      # tiny random-weight LLaVA, 576 image tokens, CPU
+    python bench/train_throughput.py --lora               # the same with LoRA adapters (policy and DPO alike)
+    python bench/train_throughput.py --prefix-sharing on  # MFPO with prefix sharing only (and DPO)
+    python bench/train_throughput.py --size 7b --lora     # LLaVA-1.5-7B shapes, random weights, on a GPU
 
-MFPO runs three policy sequences per row (chosen / rejected on the clean image, chosen on the
-dispreferred image) in one forward and reads the reference log-probs the score stage stored; DPO runs
-two policy sequences and, with TRL's default reference handling, two reference sequences per row. Both
-train with the same optimizer settings; the first step (compilation, allocation) is not timed.
+The tiny model has LLaVA-1.5's prefix shape: a CLIP vision tower at 336 px with 14 px patches, so every image is
+24 x 24 = 576 image tokens, with tiny hidden sizes (vision 32, language model 64, two layers each) so it runs on
+a CPU. Its tokenizer is byte-level (one token per byte), so questions and answers are ~4x as many tokens as
+LLaVA's own tokenizer would make of them: the shared prefix is a smaller part of each sequence than in LLaVA-1.5.
+
+Per row, MFPO runs three policy sequences (chosen and rejected on the clean image, chosen on the dispreferred
+image) and reads the reference log-probs the score stage stored; with prefix sharing (the trainer's default)
+the image+prompt prefix runs once per image (two per row) and the three answers continue its KV cache, without
+it all three full sequences run in one forward. DPO runs two policy sequences and, with TRL's default reference
+handling, two reference sequences per row (no gradient). Full fine-tuning keeps the vision tower frozen in both
+(MFPO's `freeze_vision_tower` default); LoRA puts the same adapters on both.
+
+Each method's Trainer is built once; then `--rounds` rounds each train it for 1 + `--steps` steps, in a rotating
+order, so that load from other processes on the machine falls on all of them alike. The first step of every
+round (allocation, warm-up) is not timed. `step` times are the Trainer's optimizer steps (forward, backward,
+optimizer; data loading excluded, as TRL tokenizes and processes the images of its whole dataset before
+training while MFPO's collator decodes and processes each batch's images); `end to end` is the time between
+consecutive step ends (data loading included); `per CPU-s` divides by the CPU time the process spent in the
+step, which other processes on a shared machine do not inflate (with `--threads 1` it equals the wall time of
+an idle machine). samples/s is batch / median time; the ratios are from the same run. Results go to
+bench/results/train_throughput-<size>[-lora]-<cpu|gpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import platform
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 SAMPLE = REPO / "examples" / "data" / "rlhfv_sample" / "train.jsonl"
 
 
 class StepTimer:
-    """A TrainerCallback that records the wall time of every optimizer step after the first."""
+    """A TrainerCallback recording each optimizer step after the first of every `train()` call: its own time
+    (begin to end), the CPU time this process spent on it, and the time since the previous step ended (data
+    loading included)."""
 
     def __init__(self) -> None:
         from transformers import TrainerCallback
@@ -33,35 +60,68 @@ class StepTimer:
         timer = self
 
         class _Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 timer.start = time.perf_counter()
+                timer.cpu_start = time.process_time()
 
-            def on_step_end(self, args, state, control, **kw):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                now = time.perf_counter()
                 if state.global_step > 1:
-                    timer.times.append(time.perf_counter() - timer.start)
+                    timer.steps.append(now - timer.start)
+                    timer.cpu.append(time.process_time() - timer.cpu_start)
+                    timer.ends.append(now - timer.last_end)
+                timer.last_end = now
 
-        self.start = 0.0
-        self.times: list[float] = []
+        self.start = self.last_end = self.cpu_start = 0.0
+        self.steps: list[float] = []
+        self.cpu: list[float] = []
+        self.ends: list[float] = []
         self.callback = _Callback()
 
 
 def model_dir(root: Path, size: str) -> Path:
+    """A random-weight LLaVA with LLaVA-1.5's vision input (336 px, 14 px patches: 576 image tokens), tiny or
+    at 7B shapes, saved with its processor (the tiny LLaVA's byte-level tokenizer and chat template)."""
     import tiny_models
-
-    if size == "tiny":
-        return tiny_models.save_tiny_llava(root / "model")
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        AutoProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+    )
 
-    base = tiny_models.save_tiny_llava(root / "model")  # its processor and tokenizer, reused
-    from transformers import AutoProcessor
-
+    base = tiny_models.save_tiny_llava(root / "base")  # its processor and tokenizer, reused
     processor = AutoProcessor.from_pretrained(base)
     processor.image_processor.size = {"shortest_edge": 336}
     processor.image_processor.crop_size = {"height": 336, "width": 336}
     processor.patch_size = 14
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
+    tokenizer = processor.tokenizer
+    if size == "tiny":
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=336,
+            patch_size=14,
+        )
+        text: Any = Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=4096,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        layer, device, dtype = -1, "cpu", torch.float32
+    else:
+        vision = CLIPVisionConfig(
             hidden_size=1024,
             intermediate_size=4096,
             num_hidden_layers=24,
@@ -69,68 +129,104 @@ def model_dir(root: Path, size: str) -> Path:
             image_size=336,
             patch_size=14,
             projection_dim=768,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(processor.tokenizer),
+        )
+        text = LlamaConfig(
+            vocab_size=len(tokenizer),
             hidden_size=4096,
             intermediate_size=11008,
             num_hidden_layers=32,
             num_attention_heads=32,
             max_position_embeddings=4096,
-        ),
-        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        layer, device, dtype = -2, "cuda", torch.bfloat16
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=layer,
         vision_feature_select_strategy="default",
     )
-    with torch.device("cuda"):
-        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype)
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     return root / "model"
 
 
-def rows(model: Path, n: int) -> list[dict]:
-    """MFPO rows with reference log-probs from the score stage's own code."""
+def rows(n: int) -> list[dict[str, Any]]:
+    """MFPO rows from the bundled RLHF-V sample: the dispreferred image is the clean one with its top half
+    inverted (a stand-in for region noise: any other image costs the same)."""
     import numpy as np
-    import pyarrow as pa
     from PIL import Image
-    from stage_runner import run_stage
 
     from pipeline.images import encode_png
 
     src = [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()]
-    table = []
+    out = []
     for i in range(n):
         s = src[i % len(src)]
         text = json.loads(s["text"])
         data = (SAMPLE.parent / s["image"]).read_bytes()
-        arr = np.asarray(Image.open(SAMPLE.parent / s["image"]).convert("RGB")).copy()
+        arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()
         arr[: arr.shape[0] // 2] = 255 - arr[: arr.shape[0] // 2]
-        table.append(
+        out.append(
             {
                 "sample_id": str(i),
-                "image": {"bytes": data, "path": None},
+                "images": [{"bytes": data, "path": None}],
                 "question": text["question"],
-                "chosen": text["chosen"],
-                "rejected": text["rejected"],
+                "chosen_text": text["chosen"],
+                "rejected_text": text["rejected"],
                 "rejected_image": {"bytes": encode_png(Image.fromarray(arr)), "path": None},
+                "bucket": "easy",
             }
         )
-    scored = run_stage(
-        "score", {"model": {"model": str(model)}, "resources": {"batch_size": 4}}, pa.Table.from_pylist(table)
-    ).table.to_pylist()
-    return [
-        {**t, "images": [t["image"]], "chosen_text": t["chosen"], "rejected_text": t["rejected"], **sc}
-        for t, sc in zip(table, scored, strict=True)
-    ]
+    return out
+
+
+def with_reference(model: Any, collator: Any, data: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reference log-probs the score stage would store (the policy at step 0 is the reference), added to
+    `data`; returns token counts of the sequences."""
+    import torch
+
+    from stages.vlm import answer_logps
+
+    prompts, answers = [], []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(data), 4):
+            chunk = data[start : start + 4]
+            batch = collator(
+                [{**r, "ref_logp_chosen": 0.0, "ref_logp_rejected": 0.0, "ref_logp_chosen_noised": 0.0} for r in chunk]
+            )
+            spans = batch.pop("answer_spans")
+            for k in ("reference", "has_image"):
+                batch.pop(k)
+            logps = answer_logps(model(**batch).logits, batch["input_ids"], spans)[0].view(3, -1).T.tolist()
+            for r, (chosen, rejected, noised) in zip(chunk, logps, strict=True):
+                r.update(ref_logp_chosen=chosen, ref_logp_rejected=rejected, ref_logp_chosen_noised=noised)
+            prompts += spans[:, 0].tolist()
+            answers += (spans[:, 1] - spans[:, 0]).tolist()
+    model.train()
+    return {"prompt_tokens_mean": statistics.mean(prompts), "answer_tokens_mean": statistics.mean(answers)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "7b"], default="tiny")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per method and round")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    ap.add_argument(
+        "--prefix-sharing",
+        choices=["both", "on", "off"],
+        default="both",
+        help="MFPO with train.prefix_sharing true, false, or both (default)",
+    )
     args = ap.parse_args()
 
     import datasets
@@ -139,112 +235,165 @@ def main() -> None:
     from trl import DPOConfig, DPOTrainer
 
     from mfpo_train.config import TrainConfig
+    from mfpo_train.data import MFPOCollator, RowsDataset
     from mfpo_train.loss import LossWeights
-    from mfpo_train.trainer import MFPOCollator, MFPOTrainer, RowsDataset, build_policy, training_arguments
+    from mfpo_train.trainer import MFPOTrainer, build_policy, training_arguments
 
+    datasets.disable_progress_bars()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a shared CPU, fewer threads than cores contend less with others
     cuda = torch.cuda.is_available()
     root = Path(tempfile.mkdtemp(prefix="mfpo-train-bench-"))
     path = model_dir(root, args.size)
-    data = rows(path, args.batch * (args.steps + 1))
-    common = {
-        "per_device_train_batch_size": args.batch,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-5,
-        "max_steps": args.steps + 1,
-        "logging_steps": 1000,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": not cuda,
-        "bf16": cuda,
-        "seed": 0,
-        "remove_unused_columns": False,
-        "gradient_checkpointing": args.size != "tiny",
-    }
+    steps = 1 + args.steps
+    data = rows(args.batch * steps)
+    checkpointing = args.size != "tiny"
 
-    # MFPO
+    # MFPO: the trainer's own policy, collator, arguments and Trainer; one policy for both variants.
     cfg = TrainConfig.model_validate(
         {
             "model": {"model": str(path)},
             "finetune": "lora" if args.lora else "full",
+            "lora": {"dropout": 0.0},
             "per_device_train_batch_size": args.batch,
             "gradient_accumulation_steps": 1,
-            "gradient_checkpointing": args.size != "tiny",
+            "gradient_checkpointing": checkpointing,
+            "learning_rate": 1e-5,
+            "warmup_ratio": 0.0,
         }
     )
-    policy, processor = build_policy(cfg)
-    targs = training_arguments(cfg, root / "mfpo", 0, 1.0)
-    targs.max_steps, targs.save_strategy, targs.logging_steps = args.steps + 1, "no", 1000
-    mfpo_timer = StepTimer()
-    MFPOTrainer(
-        model=policy,
-        args=targs,
-        train_dataset=RowsDataset(data),
-        data_collator=MFPOCollator(processor),
-        weights=LossWeights(),
-        callbacks=[mfpo_timer.callback],
-    ).train()
-    del policy
-    if cuda:
-        mfpo_peak = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
+    assert cfg.model is not None
+    policy, processor, dtype = build_policy(cfg, cfg.model)
+    collator = MFPOCollator(processor, None, dtype)
+    tokens = with_reference(policy, collator, data)
+    table = datasets.Dataset.from_list(data).with_format("arrow")
+    timers: dict[str, StepTimer] = {}
+    trainers: dict[str, Any] = {}
+    variants = {"on": True, "off": False}
+    for name in ["on", "off"] if args.prefix_sharing == "both" else [args.prefix_sharing]:
+        targs = training_arguments(cfg, root / f"mfpo-{name}", 0, 1.0, False)
+        targs.max_steps, targs.save_strategy, targs.logging_steps = steps, "no", 1000
+        timers[f"mfpo_{name}"] = StepTimer()
+        trainers[f"mfpo_{name}"] = MFPOTrainer(
+            model=policy,
+            args=targs,
+            train_dataset=RowsDataset(table, list(range(len(data)))),
+            data_collator=collator,
+            weights=LossWeights(),
+            prefix_sharing=variants[name],
+            callbacks=[timers[f"mfpo_{name}"].callback],
+        )
 
-    # TRL DPO on the same rows, model, batch and steps
+    # TRL DPO on the same rows (clean image, chosen / rejected), model, batch, optimizer settings.
     from PIL import Image
 
-    def as_trl(r: dict) -> dict:
-        import io
-
+    def as_trl(r: dict[str, Any]) -> dict[str, Any]:
         return {
-            "images": [Image.open(io.BytesIO(r["image"]["bytes"])).convert("RGB")],
+            "images": [Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB")],
             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
-            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r["chosen"]}]}],
-            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r["rejected"]}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r["chosen_text"]}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r["rejected_text"]}]}],
         }
 
-    trl_data = datasets.Dataset.from_list([as_trl(r) for r in data])
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     peft_config = None
     if args.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=cfg.lora.target_modules)
-    dpo_timer = StepTimer()
-    DPOTrainer(
+        lora = cfg.lora
+        peft_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, bias="none"
+        )
+    else:
+        for name, param in model.named_parameters():  # as MFPO's freeze_vision_tower
+            if "vision_tower" in name:
+                param.requires_grad_(False)
+    timers["dpo"] = StepTimer()
+    trainers["dpo"] = DPOTrainer(
         model=model,
-        args=DPOConfig(output_dir=str(root / "dpo"), beta=0.1, max_length=None, **common),
-        train_dataset=trl_data,
+        args=DPOConfig(
+            output_dir=str(root / "dpo"),
+            beta=0.1,
+            max_length=None,
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            learning_rate=1e-5,
+            max_steps=steps,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not cuda,
+            bf16=False,  # both in the weights' dtype, no autocast (MFPO's regime)
+            seed=0,
+            remove_unused_columns=False,
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            disable_tqdm=True,
+        ),
+        train_dataset=datasets.Dataset.from_list([as_trl(r) for r in data]),
         processing_class=AutoProcessor.from_pretrained(path),
         peft_config=peft_config,
-        callbacks=[dpo_timer.callback],
-    ).train()
-    dpo_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-
-    mfpo_sps = args.batch / (sum(mfpo_timer.times) / len(mfpo_timer.times))
-    dpo_sps = args.batch / (sum(dpo_timer.times) / len(dpo_timer.times))
-    device = torch.cuda.get_device_name(0) if cuda else "CPU"
-    print(
-        f"{args.size} model, batch {args.batch}, {args.steps} timed steps, {'LoRA' if args.lora else 'full'}, {device}"
+        callbacks=[timers["dpo"].callback],
     )
-    print(f"MFPO (3 policy sequences / row, stored reference): {mfpo_sps:.2f} samples/s")
-    print(f"TRL DPO (2 policy + 2 reference sequences / row):  {dpo_sps:.2f} samples/s")
-    print(f"ratio MFPO / DPO: {mfpo_sps / dpo_sps:.2f}")
-    result = {
+
+    names = list(trainers)
+    load_before = os.getloadavg()[0]
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            trainers[name].train()
+            recent = statistics.median(timers[name].steps[-args.steps :])
+            print(f"round {r + 1}/{args.rounds} {name}: median step {recent:.3f} s", flush=True)
+
+    def sps(times: list[float]) -> float:
+        return args.batch / statistics.median(times)
+
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    result: dict[str, Any] = {
         "size": args.size,
+        "machine": platform.platform(),
+        "image_tokens": 576,
+        **{k: round(v, 1) for k, v in tokens.items()},
         "batch": args.batch,
-        "steps": args.steps,
+        "timed_steps_per_method": args.steps * args.rounds,
+        "rounds": args.rounds,
         "lora": args.lora,
         "device": device,
-        "mfpo_samples_per_s": round(mfpo_sps, 3),
-        "dpo_samples_per_s": round(dpo_sps, 3),
-        "ratio": round(mfpo_sps / dpo_sps, 3),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # 1-minute load average before and after the timed rounds: > cpus means other processes took CPU time
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
     }
-    if cuda:
-        result |= {"mfpo_peak_gib": round(mfpo_peak, 2), "dpo_peak_gib": round(dpo_peak, 2)}
+    print(
+        f"{args.size} model (576 image tokens, prompt {tokens['prompt_tokens_mean']:.0f} / answer "
+        f"{tokens['answer_tokens_mean']:.0f} tokens on average), batch {args.batch}, {args.steps} x {args.rounds} "
+        f"timed steps each, {'LoRA' if args.lora else 'full'}, {device}"
+    )
+    labels = {
+        "mfpo_on": "MFPO, prefix sharing (2 prefixes + 3 answers / row)",
+        "mfpo_off": "MFPO, concatenated (3 full sequences / row)",
+        "dpo": "TRL DPO (2 policy + 2 reference sequences / row)",
+    }
+    kinds = {"": "steps", "_cpu": "cpu", "_end_to_end": "ends"}  # key suffix -> StepTimer list
+    for name in names:
+        for suffix, times in kinds.items():
+            result[f"{name}_samples_per_s{suffix}"] = round(sps(getattr(timers[name], times)), 3)
+        step, cpu, e2e = (result[f"{name}_samples_per_s{suffix}"] for suffix in kinds)
+        print(f"{labels[name]:<54} {step:7.2f} samples/s  {cpu:7.2f} per CPU-s  {e2e:7.2f} end to end")
+    pairs = [(f"{n}_vs_dpo", n, "dpo") for n in names if n != "dpo"]
+    if "mfpo_on" in trainers and "mfpo_off" in trainers:
+        pairs.append(("sharing_on_vs_off", "mfpo_on", "mfpo_off"))
+    for label, a, b in pairs:
+        for suffix in kinds:
+            ratio = result[f"{a}_samples_per_s{suffix}"] / result[f"{b}_samples_per_s{suffix}"]
+            result[f"ratio_{label}{suffix}"] = round(ratio, 3)
+        step, cpu, e2e = (result[f"ratio_{label}{suffix}"] for suffix in kinds)
+        print(f"ratio {a} / {b}: {step:.2f} (step wall time), {cpu:.2f} (step CPU time), {e2e:.2f} (end to end)")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"train_throughput-{args.size}-{'gpu' if cuda else 'cpu'}.json").write_text(
-        json.dumps(result, indent=2) + "\n"
-    )
+    name = f"train_throughput-{args.size}{'-lora' if args.lora else ''}-{'gpu' if cuda else 'cpu'}.json"
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote bench/results/{name}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ SPEED_ONLY = {
     "report_to",
     "ray",
     "gradient_checkpointing",
+    "prefix_sharing",  # the same function as the concatenated forward, up to float rounding
     "reference_check",
     "push_to_hub",
     "run_name",
@@ -129,6 +130,15 @@ class TrainConfig(StrictModel):
     per_device_train_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
     gradient_checkpointing: bool = True
+    prefix_sharing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run each image+prompt prefix once and score the answers on its KV cache (2 prefixes per row "
+        "instead of 3; gradients reach the vision tower through the cache): the same log-probs and gradients as the "
+        "concatenated forward up to float rounding, faster when the image prefix is long. auto: on where the model "
+        "supports it (LLaVA-style models with plain 1-D positions; also under gradient_checkpointing), else the "
+        "concatenated forward (Qwen2-VL's M-RoPE, per-token image markers, sliding-window layers); true: refuse "
+        "such a model before training; false: always the concatenated forward.",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(200, ge=1)

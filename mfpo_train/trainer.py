@@ -1,5 +1,6 @@
-"""MFPO training on transformers' Trainer: a Trainer whose loss is MFPO on one concatenated forward (the
-collator in `data.py` builds the three sequences of each row), and the easy-to-hard curriculum around it.
+"""MFPO training on transformers' Trainer: a Trainer whose loss is MFPO over the three sequences of each row
+(the collator in `data.py` builds them), computed by the prefix-shared forward (`prefix.py`: each image+prompt
+prefix once, the answers on its KV cache) or one concatenated forward, and the easy-to-hard curriculum around it.
 
 Checkpointing, resume, schedulers, mixed precision and multi-GPU (DDP, DeepSpeed ZeRO, FSDP through
 `accelerate launch -m pipeline train CONFIG`) come from transformers / accelerate. What is ours: the
@@ -17,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -26,6 +27,7 @@ from mfpo_train import records
 from mfpo_train.config import TrainConfig
 from mfpo_train.data import MFPOCollator, RowsDataset, bucket_indices, open_split, read_reference, splits
 from mfpo_train.loss import LossWeights, mfpo_loss
+from mfpo_train.prefix import PrefixSharingUnsupported, resolve, shared_prefix_logps
 from pipeline.errors import PipelineError
 from pipeline.storage import atomic_write, write_json
 from stages.common import ModelConfig, select_dtype
@@ -44,10 +46,12 @@ def _shifted(fn: Any, offset: int, step: int) -> float:
 
 
 class MFPOTrainer(Trainer):
-    """A Trainer whose loss is MFPO; the three policy passes of a batch run as one forward.
+    """A Trainer whose loss is MFPO; the three policy passes of a batch run as one prefix-shared forward (each
+    image+prompt prefix once, `prefix.py`) or one concatenated forward.
 
     `span=(offset, total)`: this stage's steps are steps offset.. of one schedule over `total` steps (the
-    whole curriculum), and `carry` is the optimizer state the previous stage ended with."""
+    whole curriculum), and `carry` is the optimizer state the previous stage ended with. `prefix_sharing`:
+    train.prefix_sharing (`auto`, true or false), or what `prefix.resolve` made of it."""
 
     def __init__(
         self,
@@ -55,6 +59,7 @@ class MFPOTrainer(Trainer):
         weights: LossWeights,
         span: tuple[int, int] | None = None,
         carry: Path | None = None,
+        prefix_sharing: bool | Literal["auto"] = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -64,7 +69,22 @@ class MFPOTrainer(Trainer):
         self.weights = weights
         self.span = span
         self.carry = carry
+        self.prefix_sharing = resolve(prefix_sharing, self.model, bool(self.args.activation_checkpointing))
+        self._explicit = prefix_sharing is True  # a batch it cannot split is then an error, not a fallback
         self._metrics: dict[str, list[float]] = {}
+
+    def policy_logps(self, model: Any, inputs: dict[str, Any], spans: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Summed answer log-probs of the batch's 3B sequences, in the collator's order, and the model output."""
+        if self.prefix_sharing:
+            try:
+                return shared_prefix_logps(model, inputs, spans)
+            except PrefixSharingUnsupported as err:
+                if self._explicit:
+                    raise
+                log.warning("train: %s; the concatenated forward from here on", err)
+                self.prefix_sharing = False
+        outputs = model(**inputs)
+        return answer_logps(outputs.logits, inputs["input_ids"], spans)[0], outputs
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -72,8 +92,7 @@ class MFPOTrainer(Trainer):
         spans = inputs.pop("answer_spans")
         reference = inputs.pop("reference")
         has_image = inputs.pop("has_image")
-        outputs = model(**inputs)
-        logps = answer_logps(outputs.logits, inputs["input_ids"], spans)[0]
+        logps, outputs = self.policy_logps(model, inputs, spans)
         policy = logps.view(3, -1).T  # (B, 3): chosen | m, rejected | m, chosen | m'
         loss, metrics = mfpo_loss(policy, reference, has_image, self.weights)
         prefix = "" if model.training else "eval_"
@@ -312,6 +331,10 @@ def train(
     buckets = dict(bucket_indices(ds, list(cfg.curriculum.order), cfg.curriculum.all_at_once))
     set_seed(seed)  # the adapters' random initialisation too: the same seed gives the same run
     model, processor, dtype = build_policy(cfg, model_cfg)
+    # Decided once, before any stage trains: `true` on a model that cannot do it stops here, in one line.
+    prefix_sharing = resolve(cfg.prefix_sharing, model, cfg.gradient_checkpointing)
+    if prefix_sharing:
+        log.info("train: prefix-shared forward (each image+prompt prefix once, the answers on its KV cache)")
     collator = MFPOCollator(processor, cfg.system_prompt, dtype)
     weights = LossWeights(cfg.loss.beta, cfg.loss.eta, cfg.loss.w_text, cfg.loss.w_image, cfg.loss.w_margin)
     here = world()
@@ -333,6 +356,7 @@ def train(
                 eval_dataset=RowsDataset(eval_ds, list(range(len(eval_ds)))) if eval_ds is not None else None,
                 data_collator=collator,
                 weights=weights,
+                prefix_sharing=cfg.prefix_sharing if prefix_sharing else False,  # auto / true: as asked
                 callbacks=[_Commit(publish if lead else None), _StepLog(plan.name)],
             )
         )
@@ -367,7 +391,7 @@ def train(
             record.update(rows=0, sample_ids=[], steps=0, train_loss=float("nan"), last_metrics={})
         else:
             if cfg.curriculum.refresh_reference and k > 0:
-                _refresh(model, collator, trainer.train_dataset, folder / "reference.json", lead)
+                _refresh(trainer, collator, trainer.train_dataset, folder / "reference.json", lead)
             if cfg.schedule == "curriculum":
                 trainer.span = (sum(steps[:k]), total)
                 trainer.carry = carry
@@ -412,12 +436,14 @@ def _call(publish: Callable[[], None] | None) -> None:
         publish()
 
 
-def _refresh(model: Any, collator: MFPOCollator, subset: RowsDataset, saved: Path, lead: bool) -> None:
+def _refresh(trainer: MFPOTrainer, collator: MFPOCollator, subset: RowsDataset, saved: Path, lead: bool) -> None:
     """The next bucket's reference log-probs under the current policy (curriculum.refresh_reference), saved
-    so that a resumed stage uses the ones computed at its start, not the policy's later state."""
+    so that a resumed stage uses the ones computed at its start, not the policy's later state. They come from
+    the forward the policy trains with, so that the stage's first rewards are 0 up to the same rounding."""
     if saved.exists():
         subset.overrides.update(json.loads(saved.read_text()))
         return
+    model = trainer.model
     model.eval()
     device = next(model.parameters()).device
     computed: dict[str, list[float | None]] = {}
@@ -429,7 +455,7 @@ def _refresh(model: Any, collator: MFPOCollator, subset: RowsDataset, saved: Pat
             batch.pop("reference")
             has_image = batch.pop("has_image")
             batch = {k: v.to(device) for k, v in batch.items()}
-            logps = answer_logps(model(**batch).logits, batch["input_ids"], spans)[0].view(3, -1).T.double()
+            logps = trainer.policy_logps(model, batch, spans)[0].view(3, -1).T.double()
             for r, lp, keep in zip(rows, logps.cpu().tolist(), has_image.tolist(), strict=True):
                 computed[r["sample_id"]] = [lp[0], lp[1], lp[2] if keep else None]
     model.train()
