@@ -35,8 +35,8 @@ HOOK_INPUTS = ("dataset", "quarantine", "ingest")
 # Quarantine reason kind of rows that failed on a transient error (an endpoint's 503): retried on the next run.
 TRANSIENT = "transient"
 # run.shard_size auto: shards per CPU of the cluster, and the bounds on rows per shard (see Runner._shard_size).
-SHARDS_PER_CPU = 16
-MIN_AUTO_SHARD = 4
+SHARDS_PER_CPU = 32
+MIN_AUTO_SHARD = 1
 MAX_AUTO_SHARD = 256
 
 
@@ -260,8 +260,9 @@ class Runner:
 
     def _shard_size(self, rows: int, state: StageState | None) -> int:
         """`run.shard_size`, or for auto the size recorded when these rows were planned, or a new choice: about
-        SHARDS_PER_CPU shards per CPU (every worker busy, a short tail when the last shards finish), within
-        [MIN_AUTO_SHARD, MAX_AUTO_SHARD] rows (per-shard overhead below, a worker's memory above)."""
+        SHARDS_PER_CPU shards per CPU (every worker busy, a short tail when the last shards finish: on 2 CPUs, 100
+        rows of 2.5 s each ran 1.74x the loop's speed with 4-row shards, 1.82x with 2-row ones), within
+        [MIN_AUTO_SHARD, MAX_AUTO_SHARD] rows (a worker's memory above)."""
         configured = self.config.run.shard_size
         if configured != "auto":
             return configured
