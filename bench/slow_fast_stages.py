@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/slow_fast_stages.py --rows 100
 
-The weight-free path of `loop_vs_pipeline.py` on the same photos (1024 pixels on the long side): segment
+The weight-free path of `loop_vs_pipeline.py` on the same photos (640 pixels on the long side): segment
 (GrabCut from the row's box, the slow stage) and perturb (forward-diffusion noise in the mask, then PNG: the fast
 one), with ingest, keywords, ground (the rows' own boxes) and write around them, default settings. Measured, as
 whole `python -m pipeline run` commands (start-up included every time):
@@ -43,7 +43,7 @@ def with_fusion(cfg: Path, fuse: bool) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100)
-    parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--side", type=int, default=640)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mfpo-slowfast-"))
     pipeline = [sys.executable, "-m", "pipeline", "run"]

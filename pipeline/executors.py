@@ -118,6 +118,8 @@ class _ShardActor:
 @dataclass
 class _Pool:
     actors: list[Any]
+    actor_cls: Any
+    res: Resources
     idle: list[Any] = field(default_factory=list)
     cpus: float = 0.0  # what its actors hold, all together
     gpus: float = 0.0
@@ -201,11 +203,32 @@ class RayExecutor:
         actor_cls = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=retries, max_task_retries=retries)(
             _ShardActor
         )
-        actors = [actor_cls.remote(schedule.spec(g)) for _ in range(size)]
-        for actor in actors:  # set up now the stages that have work, so the first shard does not wait for it
-            actor.setup.remote(schedule.stages_with_work(g))
+        pool = _Pool([], actor_cls=actor_cls, res=res)
+        self._add_actors(schedule, g, pool, size)
         log.info("stage %s: %d Ray actor(s), %.2g CPU / %.2g GPU each", name, size, res.cpus, res.gpus)
-        return _Pool(actors, idle=list(actors), cpus=size * res.cpus, gpus=size * res.gpus)
+        return pool
+
+    @staticmethod
+    def _add_actors(schedule: Schedule, g: int, pool: _Pool, n: int) -> None:
+        for _ in range(n):
+            actor = pool.actor_cls.remote(schedule.spec(g))
+            actor.setup.remote(schedule.stages_with_work(g))  # now, so that its first shard does not wait for it
+            pool.actors.append(actor)
+            pool.idle.append(actor)
+        pool.cpus, pool.gpus = len(pool.actors) * pool.res.cpus, len(pool.actors) * pool.res.gpus
+
+    def _grow(self, ray: Any, schedule: Schedule, pools: dict[int, _Pool]) -> None:
+        """After a pool is released, passes still at work take what it held: a pass whose pool started small
+        beside its upstream's grows to what the cluster now leaves it (upstream passes first)."""
+        for g, pool in sorted(pools.items()):
+            if schedule.exhausted(g) or pool.res.workers is not None:
+                continue
+            others = [p for k, p in pools.items() if k != g]
+            reserved = (sum(p.cpus for p in others), sum(p.gpus for p in others))
+            size, _ = self.fit(ray, pool.res, schedule.remaining(g) + len(pool.actors), schedule.name(g), reserved)
+            if size > len(pool.actors):
+                log.info("stage %s: %d more Ray actor(s)", schedule.name(g), size - len(pool.actors))
+                self._add_actors(schedule, g, pool, size - len(pool.actors))
 
     def run(self, schedule: Schedule) -> None:
         ray: Any = None
@@ -231,13 +254,19 @@ class RayExecutor:
                     # The next pass's workers start (and load their models) while this pass works on its first
                     # shards, rather than after.
                     after = g + 1
-                    if g in started and after < len(schedule.groups) and after not in started and (
-                        not schedule.exhausted(after) and not schedule.waits_for_all(after)
+                    if (
+                        g in started
+                        and after < len(schedule.groups)
+                        and after not in started
+                        and (not schedule.exhausted(after) and not schedule.waits_for_all(after))
                     ):
                         pools[after] = self._pool(ray, schedule, after, list(pools.values()))
                         started.add(after)
-                for g in [g for g in pools if schedule.exhausted(g) and all(f[0] != g for f in in_flight.values())]:
-                    self._release(ray, pools.pop(g).actors)  # its CPUs and GPUs go to the passes still running
+                finished = [g for g in pools if schedule.exhausted(g) and all(f[0] != g for f in in_flight.values())]
+                for g in finished:
+                    self._release(ray, pools.pop(g).actors)
+                if finished:
+                    self._grow(ray, schedule, pools)
                 if not in_flight:
                     break
                 done, _ = ray.wait(list(in_flight), num_returns=1)

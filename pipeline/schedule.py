@@ -135,6 +135,10 @@ class Schedule:
     def name(self, g: int) -> str:
         return "+".join(r.name for r in self.groups[g])
 
+    def remaining(self, g: int) -> int:
+        """Shards of pass g not handed out yet."""
+        return len(self._todo[g])
+
     def shards(self, g: int) -> int:
         """Shards pass g has work for in this run."""
         return self._shards[g]
