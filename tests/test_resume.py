@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
+import os
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,26 @@ def test_sigkill_of_a_ray_run_then_resume_is_identical(tmp_path: Path, source: P
     assert 40 <= done < ROWS, "killed in the middle of ingest, with Ray actors at work"
     cli("run", str(cfg), check=True)
     assert tree(out) == tree(reference)
+
+
+@pytest.mark.ray
+def test_auto_shard_size_is_recorded_and_kept_on_another_cluster(tmp_path: Path, source: Path):
+    """run.shard_size: auto picks about 32 shards per CPU when the rows are planned, records the size, and a
+    resume keeps it even where a fresh choice would differ (a cluster with four times the CPUs)."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", source, out, shard_size="auto")  # the local executor: this machine
+    cli("run", str(cfg), check=True)
+    cpus = len(os.sched_getaffinity(0))
+    size = max(1, math.ceil(ROWS / (32 * cpus)))
+    state = json.loads((out / "ingest" / "_stage.json").read_text())
+    assert state["shard_size"] == size and state["num_shards"] == math.ceil(ROWS / size)
+    assert f"run.shard_size auto: {size} rows per shard ({ROWS} rows, {cpus} CPUs)" in (out / "run.log").read_text()
+    assert math.ceil(ROWS / (32 * 4 * cpus)) != size
+    before = tree(out)
+    for stage in ("ingest", "write"):
+        for k in (0, 3):
+            (out / stage / "_commits" / f"shard-{k:05d}.json").unlink()
+    bigger = ["--set", "run.executor=ray", "--set", f"run.ray.num_cpus={4 * cpus}"]
+    proc = cli("run", str(cfg), *bigger, check=True)
+    assert "run.shard_size auto" not in proc.stderr and "2 of" in (out / "run.log").read_text()
+    assert tree(out) == before
