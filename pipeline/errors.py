@@ -1,5 +1,10 @@
 """Exceptions with messages meant for users: one line that says what is wrong and what to do."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class PipelineError(Exception):
     """A failure the CLI reports as one line on stderr (the traceback goes to the run log)."""
@@ -31,3 +36,20 @@ def first_line(message: BaseException | str) -> str:
     if lines:
         return lines[0]
     return type(message).__name__ if isinstance(message, BaseException) else ""
+
+
+@contextlib.contextmanager
+def in_stage(stage: str) -> Iterator[None]:
+    """An exception raised inside carries the stage it came from (the innermost one), for `failed_stage`: the
+    one-line error can name it wherever the exception surfaces (the driver, a Ray task's error)."""
+    try:
+        yield
+    except Exception as err:
+        if not hasattr(err, "mfpo_stage"):
+            err.mfpo_stage = stage  # type: ignore[attr-defined]
+        raise
+
+
+def failed_stage(err: BaseException) -> str | None:
+    """The stage `in_stage` recorded on an exception, if any."""
+    return getattr(err, "mfpo_stage", None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline.config import RayConfig
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import PipelineError, failed_stage, first_line
 from pipeline.schedule import Schedule
 from pipeline.stage import Resources, Stage
 from pipeline.worker import PassSpec, PassTask, ShardResult, run_pass
@@ -121,8 +121,15 @@ class _Pool:
     actor_cls: Any
     res: Resources
     idle: list[Any] = field(default_factory=list)
-    cpus: float = 0.0  # what its actors hold, all together
-    gpus: float = 0.0
+
+    @property
+    def held(self) -> tuple[float, float]:
+        """(CPUs, GPUs) its actors hold, all together."""
+        return len(self.actors) * self.res.cpus, len(self.actors) * self.res.gpus
+
+
+def _held(pools: list[_Pool]) -> tuple[float, float]:
+    return sum(p.held[0] for p in pools), sum(p.held[1] for p in pools)
 
 
 class RayExecutor:
@@ -166,24 +173,22 @@ class RayExecutor:
         """Actor-pool size and per-actor resources for this cluster, beside pools already holding `reserved`
         (CPUs, GPUs): at least one actor, so a pass never waits for another's pool to be released. A stage that
         asks for GPUs on a cluster without any runs on CPU actors, with a warning, rather than waiting forever."""
-        total = dict(ray.cluster_resources())
-        total["CPU"] = total.get("CPU", 1) - reserved[0]
-        total["GPU"] = total.get("GPU", 0) - reserved[1]
-        if res.gpus > 0 and total["GPU"] + reserved[1] < res.gpus:
+        total = ray.cluster_resources()
+        if res.gpus > 0 and total.get("GPU", 0) < res.gpus:
             log.warning(
                 "stage %s: asks for %.2g GPU per worker but the Ray cluster has %s; running on CPU",
                 stage,
                 res.gpus,
-                total["GPU"] + reserved[1],
+                total.get("GPU", 0),
             )
             res = Resources(res.cpus, 0.0, res.batch_size, res.workers)
         if res.workers is not None:
             return max(1, min(res.workers, num_tasks)), res
         # Leave one CPU's worth for the driver: on small machines a pool that takes every core starves
         # the driver and object transfers.
-        size = math.floor(max(total.get("CPU", 1) - 1, res.cpus) / res.cpus)
+        size = math.floor(max(total.get("CPU", 1) - reserved[0] - 1, res.cpus) / res.cpus)
         if res.gpus > 0:
-            size = min(size, math.floor(max(total["GPU"], res.gpus) / res.gpus))
+            size = min(size, math.floor(max(total["GPU"] - reserved[1], res.gpus) / res.gpus))
         return max(1, min(size, num_tasks)), res
 
     def cpus(self) -> int:
@@ -194,8 +199,7 @@ class RayExecutor:
 
     def _pool(self, ray: Any, schedule: Schedule, g: int, others: list[_Pool]) -> _Pool:
         name = schedule.name(g)
-        reserved = (sum(p.cpus for p in others), sum(p.gpus for p in others))
-        size, res = self.fit(ray, schedule.resources(g), schedule.shards(g), name, reserved)
+        size, res = self.fit(ray, schedule.resources(g), schedule.shards(g), name, _held(others))
         # A worker process that dies mid-shard (OOM killer, preempted node, kill -9) is restarted and its shard
         # run again, a bounded number of times: a shard's output depends on its input only, and is written
         # atomically, so the retry gives the same bytes.
@@ -215,7 +219,6 @@ class RayExecutor:
             actor.setup.remote(schedule.stages_with_work(g))  # now, so that its first shard does not wait for it
             pool.actors.append(actor)
             pool.idle.append(actor)
-        pool.cpus, pool.gpus = len(pool.actors) * pool.res.cpus, len(pool.actors) * pool.res.gpus
 
     def _grow(self, ray: Any, schedule: Schedule, pools: dict[int, _Pool]) -> None:
         """After a pool is released, passes still at work take what it held: a pass whose pool started small
@@ -224,8 +227,7 @@ class RayExecutor:
             if schedule.exhausted(g) or pool.res.workers is not None:
                 continue
             others = [p for k, p in pools.items() if k != g]
-            reserved = (sum(p.cpus for p in others), sum(p.gpus for p in others))
-            size, _ = self.fit(ray, pool.res, schedule.remaining(g) + len(pool.actors), schedule.name(g), reserved)
+            size, _ = self.fit(ray, pool.res, schedule.remaining(g) + len(pool.actors), schedule.name(g), _held(others))
             if size > len(pool.actors):
                 log.info("stage %s: %d more Ray actor(s)", schedule.name(g), size - len(pool.actors))
                 self._add_actors(schedule, g, pool, size - len(pool.actors))
@@ -309,7 +311,7 @@ def translate(err: BaseException, current: str, retries: int) -> PipelineError:
 
     if isinstance(err, ray.exceptions.RayTaskError):
         cause = _cause(err)
-        return PipelineError(f"stage {getattr(cause, 'mfpo_stage', current)}: {root_cause(err)}")
+        return PipelineError(f"stage {failed_stage(cause) or current}: {root_cause(err)}")
     if isinstance(err, ray.exceptions.RayActorError):
         return PipelineError(
             f"stage {current}: a Ray worker process died {retries + 1} time(s) running one shard "

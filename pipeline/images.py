@@ -166,32 +166,30 @@ def decode_rgb(image: dict | bytes) -> np.ndarray:
 class _DecodeCache:
     """Decoded images of one worker pass, keyed by their encoded bytes, oldest dropped first past `max_bytes`.
 
-    Keyed by content, not by object: every stage gets its own Python `bytes` for the same Arrow value. A hit is
-    checked byte for byte, so two images can never be confused."""
+    Keyed by content, not by object: every stage gets its own Python `bytes` for the same Arrow value (the dict
+    compares the bytes themselves, so two images can never be confused)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.size = 0
-        self.entries: OrderedDict[int, tuple[bytes, np.ndarray]] = OrderedDict()
+        self.entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     def get(self, data: bytes) -> np.ndarray | None:
-        entry = self.entries.get(hash(data))
-        if entry is None or entry[0] != data:
-            return None
-        self.entries.move_to_end(hash(data))
-        return entry[1]
+        arr = self.entries.get(data)
+        if arr is not None:
+            self.entries.move_to_end(data)
+        return arr
 
     def put(self, data: bytes, arr: np.ndarray) -> None:
         if arr.nbytes > self.max_bytes:
             return
-        key = hash(data)
-        old = self.entries.pop(key, None)
+        old = self.entries.pop(data, None)
         if old is not None:
-            self.size -= old[1].nbytes
-        self.entries[key] = (data, arr)
+            self.size -= old.nbytes
+        self.entries[data] = arr
         self.size += arr.nbytes
         while self.size > self.max_bytes:
-            _, (_, dropped) = self.entries.popitem(last=False)
+            _, dropped = self.entries.popitem(last=False)
             self.size -= dropped.nbytes
 
 

@@ -20,14 +20,14 @@ import pyarrow as pa
 
 from pipeline.config import PipelineConfig
 from pipeline.determinism import stable_hash
-from pipeline.errors import PipelineError, describe_os_error
+from pipeline.errors import PipelineError, describe_os_error, failed_stage, in_stage
 from pipeline.executors import Executor, make_executor
 from pipeline.progress import make_progress
 from pipeline.registry import get_stage, run_hooks
 from pipeline.schedule import Schedule, StageRun
 from pipeline.stage import ALL_COLUMNS, SourceStage, Stage, StageContext
 from pipeline.storage import CommitRecord, RunLayout, StageState, Store
-from pipeline.worker import InputPart, ShardResult, ShardTask, StageSpec, load_input, record_fields
+from pipeline.worker import InputPart, ShardTask, StageSpec, load_input
 
 log = logging.getLogger("mfpo")
 # What end-of-run hooks (the dataset card) read from the run: synced locally when the run is on an object store.
@@ -154,11 +154,8 @@ class Runner:
                 with progress:
                     runs: list[StageRun] = []
                     for name in selected:
-                        try:
+                        with in_stage(name):
                             runs.append(self._prepare_stage(name, name in redo, runs[-1] if runs else None))
-                        except OSError as err:
-                            err.mfpo_stage = name  # type: ignore[attr-defined]
-                            raise
                     schedule = Schedule(
                         runs,
                         self.config.run.fuse_stages,
@@ -172,7 +169,7 @@ class Runner:
                     if not schedule.complete():
                         self._executor_or_default().run(schedule)
             except OSError as err:  # the store: a full disk, a read-only folder, a lost bucket
-                where = getattr(err, "mfpo_stage", None)
+                where = failed_stage(err)
                 message = describe_os_error(err)
                 raise PipelineError(f"stage {where}: {message}" if where else message) from err
             finally:
@@ -256,7 +253,19 @@ class Runner:
         else:
             log.info("stage %s: all %d shard(s) already done", name, num_shards)
         spec = StageSpec(name, self.config.stages[name], self.context(name))
-        return StageRun(index, name, stage, spec, fp, num_shards, done, plan, shard_size)
+        run = StageRun(index, name, stage, spec, fp, num_shards, done, plan, shard_size)
+        if upstream is None:  # the first stage of this run: rows it will see per shard (later stages: the schedule)
+            run.rows_expected = self._rows_per_shard(run)
+        return run
+
+    def _rows_per_shard(self, run: StageRun) -> list[int]:
+        """Input rows per shard of a run's first stage: its slices of the plan, or what the stage before it kept."""
+        if run.plan is not None:
+            size = run.shard_size
+            return [min(size, max(run.plan.num_rows - k * size, 0)) for k in range(run.num_shards)]
+        upstream = self.names[run.index - 1]
+        records = self.layout.committed(upstream, self.fingerprints()[upstream], run.num_shards)
+        return [records[k].rows_out for k in range(run.num_shards)]
 
     def _shard_size(self, rows: int, state: StageState | None) -> int:
         """`run.shard_size`, or for auto the size recorded when these rows were planned, or a new choice: about
@@ -273,18 +282,15 @@ class Runner:
         log.info("run.shard_size auto: %d rows per shard (%d rows, %d CPUs)", size, rows, cpus)
         return size
 
-    def _commit(self, run: StageRun, result: ShardResult) -> None:
-        try:
-            self.layout.commit(run.name, CommitRecord(fingerprint=run.fingerprint, **record_fields(result)))
-        except OSError as err:
-            err.mfpo_stage = run.name  # type: ignore[attr-defined]
-            raise
+    def _commit(self, run: StageRun, record: CommitRecord) -> None:
+        with in_stage(run.name):
+            self.layout.commit(run.name, record)
         log.debug(
             "stage %s: committed shard %d (%d kept, %d quarantined)",
             run.name,
-            result.shard,
-            result.rows_out,
-            result.rows_quarantined,
+            record.shard,
+            record.rows_out,
+            record.rows_quarantined,
         )
 
     def _prepare_global(self, run: StageRun) -> Any:

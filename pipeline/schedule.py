@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipeline.stage import Resources, Stage
 from pipeline.storage import CommitRecord
-from pipeline.worker import PassSpec, PassTask, ShardResult, ShardTask, StageSpec, record_fields
+from pipeline.worker import PassSpec, PassTask, ShardResult, ShardTask, StageSpec
 
 log = logging.getLogger("mfpo")
 
@@ -42,6 +42,7 @@ class StageRun:
     committed: dict[int, CommitRecord]
     plan: pa.Table | None = None  # the source stage's planned rows
     shard_size: int = 0  # the source stage's rows per shard
+    rows_expected: list[int] | None = None  # the run's first stage: input rows per shard
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -84,7 +85,7 @@ class Schedule:
         fuse_stages: bool,
         make_task: Callable[[StageRun, int], ShardTask],
         prepare: Callable[[StageRun], Any],
-        commit: Callable[[StageRun, ShardResult], None],
+        commit: Callable[[StageRun, CommitRecord], None],
         progress: Any,
     ) -> None:
         self.runs = {r.name: r for r in runs}
@@ -101,26 +102,14 @@ class Schedule:
         # Rows each stage is expected to see per shard: upstream's kept rows once known, else an upper bound.
         self._expected: dict[str, list[int]] = {}
         self._bars: dict[str, Any] = {}
-        previous: list[int] | None = None
+        previous = runs[0].rows_expected if runs else None
         for run in runs:
-            expected = []
-            for k in range(run.num_shards):
-                if k in run.committed:
-                    expected.append(run.committed[k].rows_in)
-                elif previous is not None:
-                    expected.append(previous[k])
-                else:
-                    expected.append(self._rows_planned(run, k))
+            assert previous is not None
+            expected = [run.committed[k].rows_in if k in run.committed else previous[k] for k in range(run.num_shards)]
             self._expected[run.name] = expected
             done = sum(run.committed[k].rows_in for k in run.committed)
             self._bars[run.name] = progress.add_task(run.name, total=sum(expected), completed=done)
             previous = [run.committed[k].rows_out if k in run.committed else expected[k] for k in range(run.num_shards)]
-
-    @staticmethod
-    def _rows_planned(run: StageRun, k: int) -> int:
-        if run.plan is None:  # an upstream stage outside this run (--only): read on demand, an upper bound will do
-            return 0
-        return max(0, min(run.shard_size, run.plan.num_rows - k * run.shard_size))
 
     # ------------------------------------------------------------------ what executors call
     def spec(self, g: int) -> PassSpec:
@@ -181,8 +170,9 @@ class Schedule:
         """Commit records of one finished pass, in stage order."""
         for result in results:
             run = self.runs[result.stage]
-            self._commit(run, result)
-            run.committed[result.shard] = CommitRecord(fingerprint=run.fingerprint, **record_fields(result))
+            record = result.record(run.fingerprint)
+            self._commit(run, record)
+            run.committed[result.shard] = record
             self._progress.advance(self._bars[run.name], result.rows_in)
             self._expected[run.name][result.shard] = result.rows_in
             for later in self.runs.values():  # later stages see at most the rows this one kept

@@ -12,17 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, in_stage
 from pipeline.images import decode_once
 from pipeline.registry import get_stage
 from pipeline.stage import PROVENANCE_PREFIX, Rejection, Stage, StageConfig, StageContext
-from pipeline.storage import QUARANTINE_SCHEMA, Store
+from pipeline.storage import QUARANTINE_SCHEMA, CommitRecord, Store
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,12 @@ class ShardResult:
     data_sha256: str
     reasons: dict[str, int]
 
+    def record(self, fingerprint: str) -> CommitRecord:
+        """The shard's commit record under its stage's fingerprint."""
+        fields = asdict(self)
+        del fields["stage"]  # the record's path names the stage
+        return CommitRecord(fingerprint=fingerprint, **fields)
+
 
 # Shard files written earlier in the same pass, by path: what `load_input` would read back from the store.
 Written = dict[str, pa.Table]
@@ -99,18 +105,6 @@ def _read(task: ShardTask, path: str, columns: list[str], written: Written | Non
     if written is not None and path in written:
         return written[path].select(columns)
     return task.store.read_parquet(path, columns=columns)
-
-
-def record_fields(result: ShardResult) -> dict[str, Any]:
-    """A result's fields as its commit record holds them (the record adds the stage's fingerprint)."""
-    return {
-        "shard": result.shard,
-        "rows_in": result.rows_in,
-        "rows_out": result.rows_out,
-        "rows_quarantined": result.rows_quarantined,
-        "data_sha256": result.data_sha256,
-        "reasons": result.reasons,
-    }
 
 
 def load_input(task: ShardTask, written: Written | None = None) -> pa.Table:
@@ -143,22 +137,17 @@ def reason_kind(reason: str) -> str:
 
 def run_pass(stages: Callable[[str], Stage], task: PassTask) -> list[ShardResult]:
     """One shard through consecutive stages, each image decoded once. `stages(name)` gives the worker's set-up
-    instance of a stage. An exception names the stage it came from in its `mfpo_stage` attribute."""
+    instance of a stage. An exception names the stage it came from (`errors.failed_stage`)."""
     written: Written = {}
     results = []
     with decode_once():
         for step in task.steps:
-            try:
+            with in_stage(step.stage):
                 results.append(run_shard(stages(step.stage), step, written=written))
-            except Exception as err:
-                err.mfpo_stage = step.stage  # type: ignore[attr-defined]
-                raise
     return results
 
 
-def run_shard(
-    stage: Stage, task: ShardTask, on_rows: Callable[[int], None] | None = None, written: Written | None = None
-) -> ShardResult:
+def run_shard(stage: Stage, task: ShardTask, written: Written | None = None) -> ShardResult:
     table = load_input(task, written)
     schema = stage.output_schema(table.schema)
     batch_size = stage.resources.batch_size
@@ -178,8 +167,6 @@ def run_shard(
             )
         outputs.append(result.table)
         rejected.extend(result.rejected)
-        if on_rows is not None:
-            on_rows(batch.num_rows)
     out = pa.concat_tables(outputs) if outputs else schema.empty_table()
     if rejected:
         task.store.write_parquet(task.quarantine, _quarantine_table(stage.name, rejected))

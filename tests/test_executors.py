@@ -48,7 +48,10 @@ def test_fused_passes_and_streaming_stages_give_identical_outputs(tmp_path: Path
     outputs, logs = {}, {}
     for name, executor, own_pool in (("local", "local", False), ("ray", "ray", False), ("stream", "ray", True)):
         stages = grabcut_stages(SAMPLE_JSONL)
-        stages["ingest"]["limit"] = 16
+        stages["ingest"]["limit"] = 12
+        # A slow segment (several seconds on its one actor), so that streaming, not luck, decides whether perturb
+        # commits before segment ends: perturb's worker needs a few seconds to start and import torch.
+        stages["segment"]["grabcut"] = {"iterations": 20}
         for stage in stages.values():  # pools that fit side by side on the 2 CPUs of the test cluster
             stage["resources"] = {"workers": 1}
         if own_pool:
@@ -62,7 +65,7 @@ def test_fused_passes_and_streaming_stages_give_identical_outputs(tmp_path: Path
     assert "passes: ingest+keywords+ground+segment+perturb+write" in logs["ray"]
     assert "passes: ingest+keywords+ground | segment | perturb+write" in logs["stream"]
     assert outputs["local"] == outputs["ray"] == outputs["stream"]
-    assert len([k for k in outputs["local"] if k.startswith("dataset/data/")]) == 8
+    assert len([k for k in outputs["local"] if k.startswith("dataset/data/")]) == 6
     times = _commit_times(logs["stream"])
     assert min(times["perturb"]) < max(times["segment"]), "perturb waited for every segment shard"
     again = cli("run", str(tmp_path / "ray.yaml"), check=True)  # nothing left to do: no Ray, no worker starts
