@@ -115,11 +115,12 @@ def write_config(root: Path, source: Path, out: Path) -> Path:
     return path
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall s, CPU s of the child and every process of its session). The child runs in a session of its own;
-    every 0.1 s each process of that session is sampled and its user + system time kept, so Ray's raylet and
-    workers count (getrusage(RUSAGE_CHILDREN) misses them: they are not reaped through the driver). A process
-    that lives less than 0.1 s can be missed, and up to 0.1 s of a process's last moments."""
+def sampled(cmd: list[str]) -> dict[str, float]:
+    """Run `cmd` in a session of its own and sample every process of that session every 0.1 s: wall time, CPU
+    time (user + system of them all, so Ray's raylet and workers count: getrusage(RUSAGE_CHILDREN) misses them,
+    they are not reaped through the driver), and peak RSS of the driver (`cmd` itself) and of the largest Ray
+    worker (titled `ray::...`). A process that lives less than 0.1 s can be missed, and up to 0.1 s of a
+    process's last moments."""
     import threading
 
     import psutil
@@ -130,15 +131,23 @@ def timed(cmd: list[str]) -> tuple[float, float]:
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     cpu: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU seconds
+    peaks = {"driver_mib": 0.0, "worker_mib": 0.0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            for p in psutil.process_iter(["pid", "create_time"]):
+            for p in psutil.process_iter(["pid", "create_time", "cmdline"]):
                 try:
-                    if os.getsid(p.pid) == proc.pid:
-                        t = p.cpu_times()
-                        cpu[(p.pid, p.info["create_time"])] = t.user + t.system
+                    if os.getsid(p.pid) != proc.pid:
+                        continue
+                    t = p.cpu_times()
+                    cpu[(p.pid, p.info["create_time"])] = t.user + t.system
+                    rss = p.memory_info().rss / 2**20
+                    args = p.info["cmdline"] or []
+                    if p.pid == proc.pid:
+                        peaks["driver_mib"] = max(peaks["driver_mib"], rss)
+                    elif args and args[0].startswith("ray::"):
+                        peaks["worker_mib"] = max(peaks["worker_mib"], rss)
                 except (psutil.Error, ProcessLookupError, PermissionError):
                     continue
             done.wait(0.1)
@@ -151,7 +160,20 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     time.sleep(3)  # Ray's workers outlive the driver by a few seconds: their CPU counts too
     done.set()
     watcher.join()
-    return wall, sum(cpu.values())
+    return {"wall_s": wall, "cpu_s": sum(cpu.values()), **peaks}
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall s, CPU s of the child and every process of its session): see `sampled`."""
+    r = sampled(cmd)
+    return r["wall_s"], r["cpu_s"]
+
+
+def save_result(name: str, result: dict) -> None:
+    """bench/results/<name>.json, with the machine it was measured on."""
+    result = {**result, "cpus": os.cpu_count(), "machine": platform.platform()}
+    (REPO / "bench" / "results").mkdir(exist_ok=True)
+    (REPO / "bench" / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -190,19 +212,13 @@ def main() -> None:
             "rows": args.rows,
             "side_px": args.side or 320,
             "reps": args.reps,
-            "cpus": os.cpu_count(),
-            "machine": platform.platform(),
             "runs": runs,
             "best_wall_s": best,
             "best_cpu_s": cpu,
             "speedup": speedup,
             "cpu_ratio": cpu_ratio,
         }
-        results = REPO / "bench" / "results"
-        results.mkdir(exist_ok=True)
-        (results / f"loop_vs_pipeline-{args.rows}-{args.side or 320}px.json").write_text(
-            json.dumps(result, indent=2) + "\n"
-        )
+        save_result(f"loop_vs_pipeline-{args.rows}-{args.side or 320}px", result)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -18,9 +18,6 @@ bench/results/slow_fast_stages-<rows>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_vs_pipeline import REPO, timed, write_config, write_source
+from loop_vs_pipeline import save_result, timed, write_config, write_source
 
 
 def with_fusion(cfg: Path, fuse: bool) -> Path:
@@ -69,20 +66,7 @@ def main() -> None:
                 f"alone {wall['ratio']:.2f} (target <= 1.25)",
                 flush=True,
             )
-        out_file = REPO / "bench" / "results" / f"slow_fast_stages-{args.rows}.json"
-        out_file.write_text(
-            json.dumps(
-                {
-                    "rows": args.rows,
-                    "side_px": args.side,
-                    "cpus": os.cpu_count(),
-                    "machine": platform.platform(),
-                    "runs": results,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        save_result(f"slow_fast_stages-{args.rows}", {"rows": args.rows, "side_px": args.side, "runs": results})
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -83,45 +83,17 @@ def model_dir(root: Path, size: str) -> Path:
     """A random-weight LLaVA with LLaVA-1.5's vision input (336 px, 14 px patches: 576 image tokens), tiny or
     at 7B shapes, saved with its processor (the tiny LLaVA's byte-level tokenizer and chat template)."""
     import tiny_models
-    import torch
-    from transformers import (
-        AutoProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        Qwen2Config,
-    )
 
-    base = tiny_models.save_tiny_llava(root / "base")  # its processor and tokenizer, reused
-    processor = AutoProcessor.from_pretrained(base)
-    processor.image_processor.size = {"shortest_edge": 336}
-    processor.image_processor.crop_size = {"height": 336, "width": 336}
-    processor.patch_size = 14
-    tokenizer = processor.tokenizer
+    tiny = tiny_models.save_tiny_llava(root / "tiny", image_size=336, patch_size=14)
     if size == "tiny":
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=336,
-            patch_size=14,
-        )
-        text: Any = Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=4096,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        layer, device, dtype = -1, "cpu", torch.float32
-    else:
-        vision = CLIPVisionConfig(
+        return tiny
+    import torch
+    from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny)  # the tiny model's processor and tokenizer, at 7B shapes
+    tokenizer = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
             hidden_size=1024,
             intermediate_size=4096,
             num_hidden_layers=24,
@@ -129,8 +101,8 @@ def model_dir(root: Path, size: str) -> Path:
             image_size=336,
             patch_size=14,
             projection_dim=768,
-        )
-        text = LlamaConfig(
+        ),
+        text_config=LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=4096,
             intermediate_size=11008,
@@ -139,18 +111,14 @@ def model_dir(root: Path, size: str) -> Path:
             max_position_embeddings=4096,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-        )
-        layer, device, dtype = -2, "cuda", torch.bfloat16
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        ),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=layer,
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype)
+    with torch.device("cuda"):
+        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     return root / "model"

@@ -430,8 +430,9 @@ def save_tiny_causal_lm(path: str | Path) -> Path:
     return path
 
 
-def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
-    """Save a tiny LLaVA-1.5-style VLM (CLIP vision tower 64 px, Qwen2 language model) with its processor.
+def save_tiny_llava(path: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
+    """Save a tiny LLaVA-1.5-style VLM (CLIP vision tower, 64 px in 16 px patches unless told otherwise: 336 and 14
+    give LLaVA-1.5's 576 image tokens; Qwen2 language model) with its processor.
 
     Loads with ``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``;
     ``processor.apply_chat_template`` renders conversational messages with ``{"type": "image"}`` parts.
@@ -448,11 +449,13 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _byte_tokenizer(["<image>"])
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=16,
+        patch_size=patch_size,
         num_additional_image_tokens=1,
         image_token="<image>",
         chat_template=CHAT_TEMPLATE,
@@ -464,8 +467,8 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
-            image_size=64,
-            patch_size=16,
+            image_size=image_size,
+            patch_size=patch_size,
         ),
         text_config=Qwen2Config(
             hidden_size=64,
