@@ -54,7 +54,7 @@ from PIL import Image
 sys.path.insert(0, sys.argv[3])
 from pipeline.determinism import row_rng
 from stages.perturb import NoiseConfig, composite, diffusion_noise
-from stages.segment import GrabCutConfig, grabcut
+from stages.segment import GrabCutConfig, grabcut, grabcut_seed
 
 rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
 noise, cut = NoiseConfig(timestep=500), GrabCutConfig()
@@ -64,7 +64,7 @@ for k, row in enumerate(rows):
     img = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
     # The pipeline's GrabCut seed for this row (run seed 0, sample_id = idx): k-means converges at a cost that
     # varies with the seed, so loop, split and pipeline do the very same work.
-    seed = int(row_rng(0, str(row["idx"]), "segment").integers(0, 2**31 - 1))
+    seed = grabcut_seed(row_rng(0, str(row["idx"]), "segment"))
     mask = grabcut(img, row["annotations"][0]["box"], cut, seed=seed)
     rng = np.random.default_rng(k)
     noised = diffusion_noise(img, rng.standard_normal(img.shape).astype(np.float32), noise)
@@ -210,7 +210,9 @@ def main() -> None:
     try:
         (root / "src").mkdir()
         source = write_source(root / "src", args.rows, args.side or None)
-        cores = len(os.sched_getaffinity(0))
+        from pipeline.executors import machine_cpus
+
+        cores = machine_cpus()
         parts = write_parts(source, cores)
         runs: dict[str, list[tuple[float, float]]] = {"loop": [], "split": [], "pipeline": []}
         for rep in range(args.reps):

@@ -204,7 +204,7 @@ class Segment(Stage):
         if self.config.backend == "box":
             return [box_mask(b, h, w) for b in boxes], [None] * len(boxes)
         if self.config.backend == "grabcut":
-            seed = int(self.context.rng(sample_id).integers(0, 2**31 - 1))
+            seed = grabcut_seed(self.context.rng(sample_id))
             return [grabcut(img, b, self.config.grabcut, seed) for b in boxes], [None] * len(boxes)
         masks, scores = [], []
         if boxes:
@@ -215,6 +215,11 @@ class Segment(Stage):
             masks.append(np.asarray(candidates[best]).astype(bool))
             scores.append(round(float(quality[best]), 6))
         return masks, scores
+
+
+def grabcut_seed(rng: np.random.Generator) -> int:
+    """The OpenCV seed of a row's GrabCut, from the row's generator (`StageContext.rng`)."""
+    return int(rng.integers(0, 2**31 - 1))
 
 
 def grabcut(img: np.ndarray, box: list[float], cfg: GrabCutConfig, seed: int) -> np.ndarray:
