@@ -103,7 +103,7 @@ def write_config(
     if stages is None:
         cfg["stages"]["ingest"]["resources"] = {"batch_size": 3}
     if executor == "ray":
-        cfg["run"]["ray"] = {"num_cpus": 2}
+        cfg["run"].setdefault("ray", {"num_cpus": 2})
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
 

@@ -73,6 +73,42 @@ def test_fused_passes_and_streaming_stages_give_identical_outputs(tmp_path: Path
     assert tree(tmp_path / "ray") == outputs["ray"]
 
 
+@pytest.mark.ray
+def test_a_pool_grows_when_its_upstream_pool_is_released(tmp_path: Path):
+    """Segment's pool starts beside ingest's with what the cluster leaves it (one actor); once ingest's pass is
+    done and its actors are released, segment takes the freed CPUs (a second actor) for the shards it has left.
+    The output does not depend on how many actors did the work."""
+    outputs, logs = {}, {}
+    for executor in ("local", "ray"):
+        stages = grabcut_stages(SAMPLE_JSONL)
+        stages["ingest"]["limit"] = 12
+        stages["segment"]["grabcut"] = {"iterations": 20}  # slow: shards are left when ingest's pass ends
+        for name in ("ingest", "keywords", "ground"):
+            stages[name]["resources"] = {"workers": 2, "cpus": 1}
+        stages["segment"]["resources"] = {"cpus": 1}  # no fixed worker count: sized, then grown, by the cluster
+        for name in ("perturb", "write"):
+            stages[name]["resources"] = {"cpus": 0.5}
+        cfg = write_config(
+            tmp_path / f"{executor}.yaml",
+            SAMPLE_JSONL,
+            tmp_path / executor,
+            executor=executor,
+            shard_size=2,
+            stages=stages,
+            ray={"num_cpus": 4},
+        )
+        cli("run", str(cfg), check=True)
+        outputs[executor] = tree(tmp_path / executor)
+        logs[executor] = (tmp_path / executor / "run.log").read_text()
+    log = logs["ray"]
+    assert "passes: ingest+keywords+ground | segment | perturb+write" in log
+    # 4 CPUs, 2 held by ingest's pool, 1 left for the driver: one segment actor; then ingest's 2 are freed.
+    assert "stage segment: 1 Ray actor(s)" in log
+    assert "stage segment: 1 more Ray actor(s)" in log
+    assert outputs["local"] == outputs["ray"]
+    assert len([k for k in outputs["ray"] if k.startswith("dataset/data/")]) == 6
+
+
 def test_a_pass_decodes_each_image_once(monkeypatch: pytest.MonkeyPatch):
     """Inside a worker pass (decode_once), the stages after ingest get ingest's pixels without decoding again;
     every caller gets its own writable copy; outside a pass every call decodes."""
