@@ -8,15 +8,17 @@ model and every finished curriculum stage into `<train output>/eval/<name>/`, a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from mfpo_eval.evaluate import evaluate, headline, write_results
 from mfpo_eval.generate import question_file
 from pipeline.errors import PipelineError
-from pipeline.storage import Store, atomic_write, is_uri, write_json, write_text
+from pipeline.storage import RunLayout, Store, atomic_write, is_uri, local_folder, write_json, write_text
 from stages.common import ModelConfig, missing_model_dir
 
 log = logging.getLogger("mfpo")
@@ -38,12 +40,41 @@ def _base_model(cfg: Any, dataset: Path) -> ModelConfig:
     return policy_model_config(train, read_reference(dataset))
 
 
+@contextlib.contextmanager
+def _locks(cfg: Any, model: str | None, stages: bool) -> Iterator[None]:
+    """No writer while eval reads and writes: the pipeline's output folder shared (a `run` cannot rewrite the
+    dataset, or `eval/` beside it, meanwhile; pushes, trainings and other evals read on), and the training
+    folder shared while its `final/` model is read, exclusively with `--stages` (its records are read and the
+    model card in `final/` is rewritten, so no training may write there meanwhile)."""
+    from mfpo_train.command import locations, own_dataset, paths
+
+    train = locations(cfg)[1].rstrip("/")
+    run = cfg.output_location.rstrip("/")
+    wanted: dict[str, bool] = {}  # location -> exclusive
+    if not stages or own_dataset(cfg, paths(cfg)[0]):
+        wanted[run] = False
+    # A local training folder that does not exist yet holds no model to read: locking it would create it.
+    if stages or (model is None and (is_uri(train) or local_folder(train).is_dir())):
+        wanted[train] = stages or wanted.get(train, False)
+    with contextlib.ExitStack() as stack:
+        for location, exclusive in wanted.items():
+            stack.enter_context(RunLayout(location).lock("eval", shared=not exclusive))
+        yield
+
+
 def run_eval(
     cfg: Any, model: str | None, split: str | None, stages: bool, sync: bool = True
 ) -> list[tuple[str, Path, dict[str, Any]]]:
     """Evaluate; returns (name, results.json, results) of every model evaluated. Object-store locations are read
-    through their local mirrors, brought up to date first and uploaded to after (sync=False: the caller,
-    training, does both)."""
+    through their local mirrors, brought up to date first and uploaded to after, under the locks of `_locks`
+    (sync=False: the caller, training, does all three)."""
+    with _locks(cfg, model, stages) if sync else contextlib.nullcontext():
+        return _run_eval(cfg, model, split, stages, sync)
+
+
+def _run_eval(
+    cfg: Any, model: str | None, split: str | None, stages: bool, sync: bool
+) -> list[tuple[str, Path, dict[str, Any]]]:
     from mfpo_train.command import locations, paths
 
     settings = cfg.eval.model_copy(update={"split": split}) if split else cfg.eval

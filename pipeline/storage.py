@@ -647,7 +647,7 @@ class RunLayout:
                 fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise PipelineError(
-                    f"another run, push or train is using {root}; wait for it to finish before this {what}"
+                    f"another run, push, train or eval is using {root}; wait for it to finish before this {what}"
                 ) from None
             yield
 

@@ -5,14 +5,19 @@ does not; `eval` writes results and a plot per model, and `eval --stages` a befo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import SAMPLE_JSONL, chat_endpoint, cli
 
+from mfpo_eval.command import run_eval
 from mfpo_eval.config import EvalConfig
 from mfpo_eval.evaluate import evaluate
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.storage import RunLayout
 from stages.common import ModelConfig
 
 
@@ -75,6 +80,30 @@ def test_eval_command_and_the_stages_table_in_the_card(trained):
     nowhere = trained[0] / "no-such-model"
     bad = cli("eval", cfg, "--split", "train", "--model", str(nowhere))  # refused before anything loads
     assert bad.returncode == 1 and bad.stderr.strip() == f"error: --model: model directory {nowhere} does not exist"
+
+
+def test_eval_is_refused_beside_a_writer_and_runs_beside_readers(trained):
+    """eval reads the dataset and the trained model: refused in one line, before any model loads, while a run
+    holds the output folder or a training the training folder; `--stages` rewrites the model card, so even a
+    reader of the training folder (another eval) refuses it; beside a push and another eval it goes on."""
+    out, train_out = trained
+    cfg = load_config(str(out.parent / "cfg.yaml"), [])
+
+    def busy(folder: Path) -> str:
+        return re.escape(f"another run, push, train or eval is using {folder}; wait for it to finish before this eval")
+
+    with RunLayout(out).lock("run"), pytest.raises(PipelineError, match=busy(out)):
+        run_eval(cfg, None, "train", stages=False)
+    with RunLayout(train_out).lock("train"):
+        for stages in (False, True):
+            with pytest.raises(PipelineError, match=busy(train_out)):
+                run_eval(cfg, None, "train", stages=stages)
+    with RunLayout(train_out).lock("eval", shared=True):
+        with pytest.raises(PipelineError, match=busy(train_out)):
+            run_eval(cfg, None, "train", stages=True)
+        # Past the locks, to the dataset's splits (this one has no `test`).
+        with RunLayout(out).lock("push", shared=True), pytest.raises(PipelineError, match="has no `test` split"):
+            run_eval(cfg, None, None, stages=False)
 
 
 def test_answers_for_an_external_question_file_with_a_judge(trained, tmp_path):

@@ -147,7 +147,7 @@ def test_second_run_on_same_output_is_refused(tmp_path: Path, source: Path):
     with open(out / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         proc = cli("run", str(cfg))
-    assert proc.returncode == 1 and "another run, push or train is using" in proc.stderr
+    assert proc.returncode == 1 and "another run, push, train or eval is using" in proc.stderr
 
 
 @pytest.mark.ray

@@ -111,11 +111,11 @@ def test_concurrent_train_run_and_train_are_refused(trained, tmp_path):
     target = tmp_path / "t"
     with RunLayout(target).lock("train"):  # a training in progress on that folder
         proc = cli("train", str(cfg), "--set", f"train.output_dir={target}")
-    assert proc.returncode == 1 and "another run, push or train is using" in proc.stderr
+    assert proc.returncode == 1 and "another run, push, train or eval is using" in proc.stderr
     out, _ = trained
     with RunLayout(out).lock("train", shared=True):  # a training reading the dataset
         proc = cli("run", str(cfg))
-        assert proc.returncode == 1 and "another run, push or train is using" in proc.stderr
+        assert proc.returncode == 1 and "another run, push, train or eval is using" in proc.stderr
 
 
 def test_an_incomplete_checkpoint_is_ignored_on_resume(trained, checkpointed, tmp_path):
