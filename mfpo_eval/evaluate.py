@@ -15,6 +15,7 @@ its base model: a curriculum stage's `final/` is one.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,9 @@ def load_model(model: ModelConfig, base: ModelConfig | None) -> tuple[Any, Any, 
 
         dtype = select_dtype(device, base.precision)
         net, processor = load_vlm(base, "cpu", dtype)
-        net = PeftModel.from_pretrained(net, model.model).merge_and_unload()
+        with warnings.catch_warnings():  # peft reads transformers 5's deprecated alias; nothing a user could change
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            net = PeftModel.from_pretrained(net, model.model).merge_and_unload()
     else:
         dtype = select_dtype(device, model.precision)
         net, processor = load_vlm(model, "cpu", dtype)
