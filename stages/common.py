@@ -139,7 +139,20 @@ def missing_model_dir(model: str, key: str) -> list[str]:
 @contextlib.contextmanager
 def loading(model: str, key: str) -> Iterator[None]:
     """Errors while loading a model name the model and its config key, in one line (a worker's setup() error
-    otherwise reaches the user as the last of a chain of HTTP errors)."""
+    otherwise reaches the user as the last of a chain of HTTP errors). The loaders' own progress bars
+    (transformers' "Loading weights", diffusers' "Loading pipeline components") are off meanwhile: every
+    worker's would reach the terminal, torn, between the run's progress lines; downloads keep theirs
+    (huggingface_hub's)."""
+    import sys
+
+    from transformers.utils import logging as transformers_logging
+
+    loaders = [transformers_logging]
+    if "diffusers" in sys.modules:  # imported by the stage that loads a diffusers pipeline, never for this
+        loaders.append(sys.modules["diffusers"].utils.logging)
+    bars = [lib.is_progress_bar_enabled() for lib in loaders]
+    for lib in loaders:
+        lib.disable_progress_bar()
     try:
         yield
     except PipelineError:
@@ -147,6 +160,10 @@ def loading(model: str, key: str) -> Iterator[None]:
     except Exception as err:
         detail = f"{type(err).__name__}: {first_line(str(err))}".rstrip(": ")
         raise PipelineError(f"{key}: cannot load {model!r}: {detail}") from err
+    finally:
+        for lib, on in zip(loaders, bars, strict=True):
+            if on:
+                lib.enable_progress_bar()
 
 
 def missing_package(module: str, install: str) -> list[str]:

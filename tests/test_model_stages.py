@@ -84,7 +84,7 @@ def test_sam_masks_per_box_and_union(models, which: str):
         assert np.array_equal(union, np.logical_or.reduce(masks))
 
 
-def test_inpaint_changes_only_the_mask(models):
+def test_inpaint_changes_only_the_mask(models, capsys: pytest.CaptureFixture[str]):
     from stages.common import encode_mask
 
     rows = _photos(2)
@@ -104,6 +104,7 @@ def test_inpaint_changes_only_the_mask(models):
         assert np.abs(original[m].astype(int) - painted[m].astype(int)).mean() > 5
         assert r["perturbation"]["method"] == "inpaint" and r["perturbation"]["timestep"] is None
     assert [r["rejected_image"] for r in out] == [r["rejected_image"] for r in again]  # seeded per row
+    assert "Loading" not in capsys.readouterr().err  # the loaders' progress bars stay off the run's terminal
 
 
 @pytest.mark.ray
@@ -131,6 +132,7 @@ def test_model_stages_through_the_pipeline(tmp_path: Path, models):
         proc = cli("run", str(cfg), check=True)
         # Asked for a GPU where there is none: runs on CPU, with a warning.
         assert "running on CPU" in proc.stderr
+        assert "Loading weights" not in proc.stderr + proc.stdout  # no library bars between the run's lines
         rows, problems = check(out)
         assert problems == [] and len(rows) == 6
         for r in rows:
