@@ -148,7 +148,7 @@ def loading(model: str, key: str) -> Iterator[None]:
     from transformers.utils import logging as transformers_logging
 
     loaders = [transformers_logging]
-    if "diffusers" in sys.modules:  # imported by the stage that loads a diffusers pipeline, never for this
+    if "diffusers" in sys.modules:  # the stage loading a diffusers pipeline imported it; not worth seconds here
         loaders.append(sys.modules["diffusers"].utils.logging)
     bars = [lib.is_progress_bar_enabled() for lib in loaders]
     for lib in loaders:
