@@ -55,7 +55,7 @@ def _locks(cfg: Any, model: str | None, stages: bool) -> Iterator[None]:
         wanted[run] = False
     # A local training folder that does not exist yet holds no model to read: locking it would create it.
     if stages or (model is None and (is_uri(train) or local_folder(train).is_dir())):
-        wanted[train] = stages or wanted.get(train, False)
+        wanted[train] = stages  # beside the output folder's entry, which is never exclusive
     with contextlib.ExitStack() as stack:
         for location, exclusive in wanted.items():
             stack.enter_context(RunLayout(location).lock("eval", shared=not exclusive))
