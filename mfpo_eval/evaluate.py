@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,42 @@ EVAL_COLUMNS = (
     "rejected_image",
     "mask",
     "box_phrases",
+    "image_id",
 )
 POPE_ANSWERS = ("Yes", "No")
+
+
+def require_split(dataset_dir: Path, split: str, key: str = "eval.split") -> None:
+    """Refuse, in one line and before any model loads, a split the dataset lacks or that holds no rows."""
+    import pyarrow.parquet as pq
+
+    from mfpo_train.data import shard_files, splits
+
+    present = splits(dataset_dir)
+    if split in present and sum(pq.read_metadata(f).num_rows for f in shard_files(dataset_dir, split)):
+        return
+    have = ", ".join(sorted(present)) or "none"
+    state = "has no rows" if split in present else "is not in the dataset"
+    raise PipelineError(
+        f"{key}: the `{split}` split {state} (splits: {have}); hold rows out with stages.write.splits "
+        "(e.g. {train: 0.95, test: 0.05}: a 5% split gets a row from about 20 distinct pictures up), or set eval.split"
+    )
+
+
+def image_questions(ds: Any, n: int, setting: str, per_image: int, seed: int) -> list[Any]:
+    """POPE's questions per *picture* of the first `n` rows: its objects are the union of what every row showing
+    it grounded (several questions about one picture each ground some of them), asked once, on the first row
+    that shows it. Rows of a dataset without `image_id` are each their own picture."""
+    objects = ds.data.column("box_phrases").to_pylist()[:n] if "box_phrases" in ds.column_names else [[]] * n
+    keys = ds.data.column("image_id").to_pylist()[:n] if "image_id" in ds.column_names else list(range(n))
+    first: dict[Any, int] = {}
+    union: dict[Any, list[str]] = {}
+    for row, (key, found) in enumerate(zip(keys, objects, strict=True)):
+        first.setdefault(key, row)
+        union.setdefault(key, []).extend(found or [])
+    order = list(first)
+    asked = pope_questions([union[k] for k in order], setting, per_image, seed)
+    return [replace(q, row=first[order[q.row]]) for q in asked]
 
 
 def load_model(model: ModelConfig, base: ModelConfig | None) -> tuple[Any, Any, Any]:
@@ -105,17 +139,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every measure for one model on `cfg.split`; returns the results (what results.json holds). With
     `eval.generate.questions`, also the model's answers to them, written to `folder`."""
-    from mfpo_train.data import open_split, splits
+    from mfpo_train.data import open_split
 
-    if cfg.split not in splits(dataset_dir):
-        raise PipelineError(
-            f"eval.split: the dataset has no `{cfg.split}` split ({', '.join(sorted(splits(dataset_dir)))}); "
-            "hold rows out with stages.write.splits: {train: 0.95, test: 0.05}, or set eval.split"
-        )
+    require_split(dataset_dir, cfg.split)
     ds = open_split(dataset_dir, cfg.split, cache_dir or dataset_dir.parent / "_cache", EVAL_COLUMNS)
     n = min(cfg.limit or len(ds), len(ds))
-    objects = ds.data.column("box_phrases").to_pylist()[:n] if "box_phrases" in ds.column_names else [[]] * n
-    questions = {s: pope_questions([o or [] for o in objects], s, cfg.pope.per_row, seed) for s in cfg.pope.settings}
+    questions = {s: image_questions(ds, n, s, cfg.pope.per_row, seed) for s in cfg.pope.settings}
     asked: dict[tuple[int, str], int] = {}  # the same question in two settings is scored once
     for setting_questions in questions.values():
         for q in setting_questions:

@@ -11,6 +11,7 @@ dataset gives the same bytes and an unchanged dataset pushes no new commit.
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from pipeline.storage import atomic_write
 TAGS = ["mfpo", "preference", "dpo", "multimodal", "vision-language", "hallucination"]
 DEFAULT_LICENSE = "unknown"
 CARD_PREVIEW_ROWS = 8
-_TEMPLATE = Path(__file__).parent / "templates" / "dataset_card.md.j2"
+_TEMPLATE = Path(str(resources.files("mfpo_publish") / "templates" / "dataset_card.md.j2"))  # package data
 
 
 def dataset_files(

@@ -4,12 +4,13 @@ curriculum metrics and the training configuration."""
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
+_TEMPLATE = Path(str(resources.files("mfpo_train") / "templates" / "model_card.md.j2"))  # package data
 
 
 def write_model_card(

@@ -145,14 +145,16 @@ def _train_locked(
 
     if lead():
         check_reference(cfg.train, dataset)
-    if cfg.train.eval_after_each_stage:
-        from mfpo_train.data import splits
+    evaluate_stages = cfg.train.eval_after_each_stage
+    if evaluate_stages:
+        from mfpo_eval.evaluate import require_split
+        from pipeline.errors import PipelineError
 
-        if cfg.eval.split not in splits(dataset):
-            raise TrainRefused(
-                f"train.eval_after_each_stage: the dataset has no `{cfg.eval.split}` split to evaluate on; hold rows "
-                "out with stages.write.splits: {train: 0.95, test: 0.05}, or set eval.split"
-            )
+        try:
+            require_split(dataset, cfg.eval.split, "train.eval_after_each_stage")
+        except PipelineError as err:  # training does not need it: the stages train, the evaluation is skipped
+            log.warning("%s; skipping the evaluation after training", err)
+            evaluate_stages = False
     ray_workers = cfg.train.ray.num_workers
     here = {"world_size": ray_workers, "device": None} if ray_workers else world()
     if lead():
@@ -176,7 +178,7 @@ def _train_locked(
         from mfpo_train.card import write_model_card
 
         write_model_card(out / "final", cfg, dataset, summary)
-        if cfg.train.eval_after_each_stage:
+        if evaluate_stages:
             from mfpo_eval.command import run_eval
 
             run_eval(cfg, None, None, stages=True, sync=False)  # the card gets the before/after table

@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -65,10 +65,10 @@ def run(
         _fail(f"{type(err).__name__}: {err}", runner)
     statuses = runner.status()
     _print_status(statuses, Console())
-    _require_rows(statuses, runner.layout.location)
+    _require_rows(statuses, runner.layout.location, getattr(next(iter(cfg.stages.values()), None), "source", None))
 
 
-def _require_rows(statuses: list[StageStatus], location: str) -> None:
+def _require_rows(statuses: list[StageStatus], location: str, source: Any = None) -> None:
     """A finished run whose last stage kept no row exits 1, naming the top quarantine reasons: an empty
     dataset must not pass for a finished one."""
     last = statuses[-1] if statuses else None
@@ -82,7 +82,7 @@ def _require_rows(statuses: list[StageStatus], location: str) -> None:
         top = ", ".join(f"{kind} x{n}" for kind, n in kinds.most_common(3)) + (", ..." if len(kinds) > 3 else "")
         why = f"all {quarantined} quarantined ({top}); see {location.rstrip('/')}/quarantine/"
     else:
-        why = "the source has no rows"
+        why = f"the source {source} has no rows" if source else "the source has no rows"
     _say("error", f"run produced no rows: {why}")
     raise typer.Exit(1)
 

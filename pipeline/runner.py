@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.compact import compact, complete
 from pipeline.config import PipelineConfig
 from pipeline.determinism import stable_hash
 from pipeline.errors import PipelineError, describe_os_error, failed_stage, in_stage
@@ -116,7 +117,7 @@ class Runner:
                     for k, v in r.reasons.items():
                         st.reasons[k] = st.reasons.get(k, 0) + v
                 if st.shards_done == state.num_shards:
-                    st.state = "done"
+                    st.state = "done" if self._final_files_done(name, fp, records) else "partial"
                 elif st.shards_done:
                     st.state = "partial"
             out.append(st)
@@ -168,6 +169,8 @@ class Runner:
                         log.info("passes: %s", " | ".join(schedule.name(g) for g in range(len(schedule.groups))))
                     if not schedule.complete():
                         self._executor_or_default().run(schedule)
+                for run in runs:
+                    self._write_final_files(run)
             except OSError as err:  # the store: a full disk, a read-only folder, a lost bucket
                 where = failed_stage(err)
                 message = describe_os_error(err)
@@ -179,7 +182,32 @@ class Runner:
                 if st.name in selected and st.state != "done":
                     raise PipelineError(f"stage {st.name}: only {st.shards_done} of {st.num_shards} shards committed")
             self._write_summary()
+            last = self.status()[-1]
+            if last.rows_kept == 0 and last.state == "done":
+                log.info("run: no rows came out of %s; no dataset card or other end-of-run products", last.name)
+                return
             self._run_hooks()
+
+    def _final_files_done(self, name: str, fp: str, records: dict[int, CommitRecord]) -> bool:
+        stage = self.stage(name)
+        return stage.final_files(len(records)) is None or complete(self.layout.store, name, _final_key(fp, records))
+
+    def _write_final_files(self, run: StageRun) -> None:
+        """A stage whose shards are all committed writes its final files (pipeline.compact), once for the
+        shards' current contents (a shard redone with other rows, e.g. after a transient failure, redoes them)."""
+        spec = run.stage.final_files(run.num_shards)
+        if spec is None:
+            return
+        records = self.layout.committed(run.name, run.fingerprint, run.num_shards)
+        if len(records) < run.num_shards:
+            return  # reported below as a partial stage
+        key = _final_key(run.fingerprint, records)
+        if complete(self.layout.store, run.name, key):
+            return
+        with in_stage(run.name):
+            started = time.perf_counter()
+            compact(self.layout.store, spec, run.name, key)
+            log.info("stage %s: final files written in %.1f s", run.name, time.perf_counter() - started)
 
     def _check(self, names: list[str]) -> None:
         """What would fail on every worker (a missing package or model directory) fails here, before Ray starts
@@ -366,6 +394,11 @@ class Runner:
 
     def _write_summary(self) -> None:
         self.layout.store.write_json("summary.json", self._summary())
+
+
+def _final_key(fingerprint: str, records: dict[int, CommitRecord]) -> str:
+    """What a stage's final files are made from: its fingerprint and the bytes of every committed shard."""
+    return stable_hash([fingerprint, *(records[k].data_sha256 for k in sorted(records))], length=16)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.determinism import row_rng
 from pipeline.errors import RowError
+
+if TYPE_CHECKING:
+    from pipeline.compact import FinalFiles
 
 # Images travel between stages in the storage layout of `datasets.Image`, so the final dataset can
 # declare them as Image features without copying bytes around.
@@ -164,6 +167,11 @@ class Stage(ABC):
         same files must be written whatever the rows (empty ones too), so a redone shard leaves none behind.
         Later stages read `output_path`: only a last stage may split."""
         return [(self.output_path(shard, num_shards), table)]
+
+    def final_files(self, num_shards: int) -> FinalFiles | None:
+        """A last stage's rows republished, once every shard is committed, as files sized by bytes instead of
+        one per shard (pipeline.compact); None: the shards are the output."""
+        return None
 
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release what setup() opened (worker processes, sockets), once per worker when its work is done."""

@@ -399,6 +399,11 @@ class Store:
             return pq.read_table(self.root / rel, columns=columns)
         return pq.read_table(self._path(rel), columns=columns, filesystem=self.fs)
 
+    def read_parquet_schema(self, rel: str) -> pa.Schema:
+        if self.root is not None:
+            return pq.read_schema(self.root / rel)
+        return pq.read_schema(self._path(rel), filesystem=self.fs)
+
     def write_parquet(self, rel: str, table: pa.Table) -> str:
         """Write a Parquet file (atomically); returns the sha256 of its bytes."""
         data = parquet_bytes(table)

@@ -21,6 +21,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -33,7 +34,7 @@ from pipeline.stage import RowStage, StageConfig, StrictModel
 from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_model_dir, missing_package, require
 from stages.llm import LlmClient, LlmConfig, load_template
 
-LEXICON_PATH = Path(__file__).parent / "data" / "object_lexicon.json"
+LEXICON_PATH = Path(str(resources.files("stages") / "data" / "object_lexicon.json"))  # package data
 _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
 

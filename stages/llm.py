@@ -11,6 +11,7 @@ run); any other HTTP error is the configuration's fault and stops the work, nami
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +19,6 @@ from pydantic import Field
 
 from pipeline.errors import PipelineError, RowError
 from pipeline.stage import StrictModel
-
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 
 
 class LlmConfig(StrictModel):
@@ -36,13 +35,15 @@ class LlmConfig(StrictModel):
 
 
 def load_template(prompt: str, key: str) -> str:
-    """A prompt template: a path, or a file name in prompts/."""
+    """A prompt template: a path, or the name of a template bundled in the `prompts` package."""
     path = Path(prompt)
-    if not path.is_file():
-        path = PROMPTS_DIR / prompt
-    if not path.is_file():
-        raise PipelineError(f"{key}: template not found: {prompt}")
-    return path.read_text(encoding="utf-8")
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    bundled = resources.files("prompts").joinpath(prompt)
+    if "/" not in prompt and bundled.is_file():
+        return bundled.read_text(encoding="utf-8")
+    names = sorted(t.name for t in resources.files("prompts").iterdir() if t.name.endswith(".txt"))
+    raise PipelineError(f"{key}: template not found: {prompt} (not a file; bundled templates: {', '.join(names)})")
 
 
 class _Transient(Exception):

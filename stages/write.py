@@ -1,33 +1,41 @@
 """write: every column so far -> the final dataset under `<output_dir>/dataset/`.
 
-Shards `data/<split>-XXXXX-of-YYYYY.parquet` (one per input shard and split) carry the Hugging Face `datasets`
-feature metadata, so `load_dataset("parquet", ...)` decodes images as `datasets.Image`. Columns: the TRL
+Each shard's rows go to `write/<split>/shard-XXXXX.parquet`; once every shard is committed, the engine
+rewrites each split as `dataset/data/<split>-XXXXX-of-YYYYY.parquet` files of at most about
+`max_shard_size` bytes (pipeline.compact): the same files whatever `run.shard_size` or the cluster, no empty
+file, and a split with no rows has none. The files carry the Hugging Face `datasets` feature metadata, so
+`load_dataset("parquet", ...)` decodes images as `datasets.Image`. Columns: the TRL
 vision-preference ones (`images`, conversational `prompt`/`chosen`/`rejected`), the plain texts
 (`question`, `chosen_text`, `rejected_text`) and every other column earlier stages produced. Image
 columns (stored as datasets Image structs by the stages) become Image features. The dataset card and
 its pictures are made at the end of the run, from the finished shards (mfpo_publish).
 
-`splits: {train: 0.95, test: 0.05}` holds rows out: a row's split is fixed by a hash of its `sample_id`
-alone, so it is the same in every run, resume and shard size, and no `sample_id` is in two splits.
-Training reads `train`; `python -m pipeline eval` reads `test`.
+`splits: {train: 0.95, test: 0.05}` holds rows out by *picture*: a row's split is fixed by a hash of its
+image's decoded pixels (`image_id`, a column of the dataset), so several questions about one picture land in
+the same split and no picture is in two; the split is the same in every run, resume and shard size. A split
+that gets no rows (12 rows rarely give a 5% split one) is left out of the files and the card, and the run
+log says so. Training reads `train`; `python -m pipeline eval` reads `test`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.compact import FinalFiles
+from pipeline.images import decode_rgb
 from pipeline.registry import register
 from pipeline.stage import ALL_COLUMNS, IMAGE_TYPE, PROVENANCE_PREFIX, BatchResult, Stage, StageConfig
 
 CONTENT_TYPE = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", CONTENT_TYPE)]))
 # Columns of earlier stages that the final layout renames or reshapes.
-_RESHAPED = {"image", "question", "chosen", "rejected"}
+_RESHAPED = {"image", "question", "chosen", "rejected", "image_id"}
 
 
 # The card's settings change the card, not the shards: they stay out of the fingerprint.
@@ -38,7 +46,12 @@ class WriteConfig(StageConfig):
     split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$", description="Split name of an unsplit dataset.")
     splits: dict[str, float] | None = Field(
         None,
-        description="Split name -> fraction of the rows, e.g. {train: 0.95, test: 0.05}, by a hash of sample_id.",
+        description="Split name -> fraction of the pictures, e.g. {train: 0.95, test: 0.05}, by a hash of each image.",
+    )
+    max_shard_size: int | str = Field(
+        "500MB",
+        description="Largest size of a final dataset file (bytes of its rows in memory), e.g. 500MB as `datasets`' "
+        "push_to_hub; a split is written as ceil(bytes / max_shard_size) files.",
     )
     card: bool = Field(True, description="Write dataset/README.md (a Hub dataset card) and its pictures.")
     pretty_name: str | None = Field(None, description="Title of the dataset card; default: run name.")
@@ -65,6 +78,19 @@ class WriteConfig(StageConfig):
             raise ValueError("one split is `train` (what training reads)")
         return value
 
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        from datasets.utils.py_utils import convert_file_size_to_int
+
+        try:
+            size = convert_file_size_to_int(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a size: bytes, or a number with KB, MB or GB (e.g. 500MB)") from None
+        if size < 1024:
+            raise ValueError(f"{value!r} is below 1KB: each row would be a file of its own")
+        return size
+
     @model_validator(mode="after")
     def _one_way(self) -> WriteConfig:
         if self.splits is not None and self.split != "train":
@@ -72,10 +98,20 @@ class WriteConfig(StageConfig):
         return self
 
 
-def split_of(sample_id: str, splits: dict[str, float]) -> str:
-    """The split a row belongs to: where a hash of its sample_id falls among the cumulative fractions (in the
-    order given). The hash, not the row's position, decides: stable across runs, resumes and shard sizes."""
-    point = int.from_bytes(hashlib.sha256(sample_id.encode("utf-8")).digest()[:8], "big") / 2**64
+def image_id(image: dict[str, Any]) -> str:
+    """A picture's identity: a hash of its decoded pixels and shape, so two rows showing the same picture share
+    it even when their files were encoded differently."""
+    pixels = decode_rgb(image)
+    digest = hashlib.sha256(repr(pixels.shape).encode())
+    digest.update(pixels.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def split_of(key: str, splits: dict[str, float]) -> str:
+    """The split a row belongs to: where a hash of its key (the image_id) falls among the cumulative fractions
+    (in the order given). The hash, not the row's position, decides: stable across runs, resumes and shard
+    sizes."""
+    point = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
     edge = 0.0
     for name, fraction in splits.items():
         edge += fraction
@@ -87,29 +123,43 @@ def split_of(sample_id: str, splits: dict[str, float]) -> str:
 @register
 class Write(Stage):
     name: ClassVar[str] = "write"
-    version: ClassVar[int] = 2  # 2: carries the provenance metadata of earlier stages
+    # 2: carries the provenance metadata of earlier stages; 3: image_id, splits by picture, files sized by bytes
+    version: ClassVar[int] = 3
     Config = WriteConfig
     inputs: ClassVar[str] = ALL_COLUMNS
     outputs: ClassVar[tuple[str, ...]] = ()
     config: WriteConfig
 
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.config.splits) if self.config.splits else [self.config.split]
+
+    def shard_path(self, split: str, shard: int) -> str:
+        return f"write/{split}/shard-{shard:05d}.parquet"
+
     def output_path(self, shard: int, num_shards: int) -> str:
-        return f"dataset/data/{self.config.split}-{shard:05d}-of-{num_shards:05d}.parquet"
+        return self.shard_path(self.split_names[0], shard)
 
     def output_root(self) -> str:
-        return "dataset"
+        return "dataset"  # the final files: cleared with the stage's own folder when it is redone
 
     def output_files(self, table: pa.Table, shard: int, num_shards: int) -> list[tuple[str, pa.Table]]:
         if not self.config.splits:
             return [(self.output_path(shard, num_shards), table)]
-        names = [split_of(sid, self.config.splits) for sid in table.column("sample_id").to_pylist()]
-        which = pa.array(names, pa.string())
-        files = []
-        for name in self.config.splits:
-            files.append(
-                (f"dataset/data/{name}-{shard:05d}-of-{num_shards:05d}.parquet", table.filter(pc.equal(which, name)))
-            )
-        return files
+        which = pa.array([split_of(key, self.config.splits) for key in table.column("image_id").to_pylist()])
+        return [(self.shard_path(name, shard), table.filter(pc.equal(which, name))) for name in self.config.splits]
+
+    def final_files(self, num_shards: int) -> FinalFiles:
+        return FinalFiles(
+            groups={name: [self.shard_path(name, k) for k in range(num_shards)] for name in self.split_names},
+            target="dataset/data/{group}-{index:05d}-of-{total:05d}.parquet",
+            max_bytes=int(self.config.max_shard_size),
+            if_empty={
+                name: f"left out of the files and the card (stages.write.splits gives it {f:g} of the pictures: "
+                f"about {math.ceil(1 / f)} distinct pictures give it one)"
+                for name, f in (self.config.splits or {}).items()
+            },
+        )
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         import datasets
@@ -123,6 +173,7 @@ class Write(Stage):
             pa.field("question", pa.string()),
             pa.field("chosen_text", pa.string()),
             pa.field("rejected_text", pa.string()),
+            pa.field("image_id", pa.string()),
         ]
         fields += [f for f in input_schema if f.name not in _RESHAPED and f.name != "sample_id"]
         schema = pa.schema(fields)
@@ -154,6 +205,7 @@ class Write(Stage):
                     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r["rejected"]}]}],
                     "chosen_text": r["chosen"],
                     "rejected_text": r["rejected"],
+                    "image_id": image_id(r["image"]),
                 }
             )
         return BatchResult(pa.Table.from_pylist(rows, schema=schema))
