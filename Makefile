@@ -14,11 +14,12 @@ GDINO_STAMP := $(GDINO_VENV)/.installed-stamp
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=/path/to/python3.11"; exit 1; }
+# constraints.txt pins every package to the versions CI runs; pyproject.toml only bounds them.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11 or later); set PYTHON=/path/to/python3"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,sam]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,sam]"
 	touch $(STAMP)
 
 demo: $(STAMP)

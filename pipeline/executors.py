@@ -160,6 +160,11 @@ class RayExecutor:
                 kwargs["num_gpus"] = self.config.num_gpus
             if not sys.stderr.isatty() or os.environ.get("NO_COLOR"):
                 os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # worker lines forwarded without ANSI colour codes
+                # Ray colours its de-duplication notes ("[repeated 2x across cluster]") whatever the stream:
+                # colorama strips ANSI codes from what this process writes to stdout and stderr.
+                import colorama
+
+                colorama.init(strip=True, convert=False)
             log.info("starting Ray (%s)", f"joining {address}" if address else "embedded local cluster")
             # Ray announces that token authentication is on (the secure default) on every start.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -92,6 +91,9 @@ class ModelConfig(StrictModel):
         return kwargs
 
 
+_CPU_FALLBACK_SAID: set[str] = set()
+
+
 def select_device(gpus: float, stage: str) -> Any:
     """CUDA when the stage asked for a GPU and one is visible; otherwise CPU, with a warning if a GPU was asked for."""
     import torch
@@ -99,10 +101,9 @@ def select_device(gpus: float, stage: str) -> Any:
     if gpus > 0:
         if torch.cuda.is_available():
             return torch.device("cuda")
-        warnings.warn(
-            f"stage {stage}: resources.gpus={gpus} but no CUDA device is visible; running on CPU", stacklevel=2
-        )
-        log.warning("stage %s: no CUDA device visible, running on CPU", stage)
+        if stage not in _CPU_FALLBACK_SAID:  # one line per stage and process, not one per worker set-up
+            _CPU_FALLBACK_SAID.add(stage)
+            log.warning("stage %s: resources.gpus=%g but no CUDA device is visible; running on CPU", stage, gpus)
     return torch.device("cpu")
 
 

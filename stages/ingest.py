@@ -371,7 +371,12 @@ class Ingest(SourceStage):
         self.source, self.images = _open_source(self.config)
         if self.config.image_root is not None and self.images is not None:
             self.images = _ImageFolder(self.config.image_root)
-        self.format = self.config.format if self.config.format != "auto" else _detect_format(self.source.columns())
+        self.format = self.config.format
+        if self.format == "auto":
+            columns = self.source.columns()
+            # No row to read a layout from (an empty source, or only unreadable rows): every row, if any, is
+            # quarantined with its own reason and the run ends with `run produced no rows`, not a layout error.
+            self.format = _detect_format(columns) if columns else "flat"
         self.limits = ImageLimits(
             self.config.image.max_bytes,
             self.config.image.max_pixels,

@@ -11,6 +11,9 @@ import pytest
 from helpers import SAMPLE_JSONL, cli, encode, grabcut_stages, quarantine, rlhfv_line, tree, write_config, write_source
 from PIL import Image
 
+# The final dataset of a small run: one file, however many processing shards made it.
+ONE_FILE = ["dataset/data/train-00000-of-00001.parquet"]
+
 
 @pytest.mark.ray
 def test_local_and_ray_give_identical_outputs(tmp_path: Path):
@@ -28,7 +31,8 @@ def test_local_and_ray_give_identical_outputs(tmp_path: Path):
             assert "Ray actor(s)" in proc.stderr  # it really ran on an actor pool
         outputs[executor] = tree(out)
     assert outputs["local"] == outputs["ray"]
-    assert len([k for k in outputs["ray"] if k.startswith("dataset/data/")]) == 9
+    assert len([k for k in outputs["ray"] if k.startswith("write/train/shard-")]) == 9  # processing shards
+    assert [k for k in outputs["ray"] if k.startswith("dataset/data/")] == ONE_FILE
     assert set(quarantine(tmp_path / "ray")) == {"100", "101"}
 
 
@@ -65,7 +69,8 @@ def test_fused_passes_and_streaming_stages_give_identical_outputs(tmp_path: Path
     assert "passes: ingest+keywords+ground+segment+perturb+write" in logs["ray"]
     assert "passes: ingest+keywords+ground | segment | perturb+write" in logs["stream"]
     assert outputs["local"] == outputs["ray"] == outputs["stream"]
-    assert len([k for k in outputs["local"] if k.startswith("dataset/data/")]) == 6
+    assert len([k for k in outputs["local"] if k.startswith("write/train/shard-")]) == 6  # processing shards
+    assert [k for k in outputs["local"] if k.startswith("dataset/data/")] == ONE_FILE
     times = _commit_times(logs["stream"])
     assert min(times["perturb"]) < max(times["segment"]), "perturb waited for every segment shard"
     again = cli("run", str(tmp_path / "ray.yaml"), check=True)  # nothing left to do: no Ray, no worker starts
@@ -106,7 +111,8 @@ def test_a_pool_grows_when_its_upstream_pool_is_released(tmp_path: Path):
     assert "stage segment: 1 Ray actor(s)" in log
     assert "stage segment: 1 more Ray actor(s)" in log
     assert outputs["local"] == outputs["ray"]
-    assert len([k for k in outputs["ray"] if k.startswith("dataset/data/")]) == 6
+    assert len([k for k in outputs["ray"] if k.startswith("write/train/shard-")]) == 6  # processing shards
+    assert [k for k in outputs["ray"] if k.startswith("dataset/data/")] == ONE_FILE
 
 
 def test_a_pass_decodes_each_image_once(monkeypatch: pytest.MonkeyPatch):

@@ -408,6 +408,42 @@ def test_all_quarantined_run_exits_1_naming_the_top_reasons(tmp_path: Path):
     assert all(r.startswith("image: empty bytes (0 bytes)") for r in reasons[5:])
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["empty file", "byte-order mark only", "one JSON array as JSONL", "Parquet without the text column"],
+)
+def test_a_run_with_no_rows_exits_1_with_the_documented_line_and_no_card(tmp_path: Path, case: str):
+    """Sources that give no row at all, with the dataset card on (its plots cannot be drawn from nothing):
+    exit 1 with `run produced no rows: ...` (an empty source named as such), and no card or pictures."""
+    source = tmp_path / ("rows.parquet" if case.startswith("Parquet") else "rows.jsonl")
+    if case == "empty file":
+        source.write_bytes(b"")
+    elif case == "byte-order mark only":
+        source.write_bytes(b"\xef\xbb\xbf")
+    elif case == "one JSON array as JSONL":
+        row = {"image": "a.jpg", "question": "q", "chosen": "a", "rejected": "b"}
+        source.write_text(json.dumps([row, row]) + "\n")
+    else:
+        image = {"bytes": encode(photo(W, H)), "path": None}
+        pq.write_table(pa.table({"image": [image] * 3, "idx": [1, 2, 3]}), source)
+    out = tmp_path / "out"
+    stages = {"ingest": {"source": str(source)}, "write": {"card": True}}
+    if case.startswith("Parquet"):
+        stages["ingest"]["format"] = "rlhf-v"
+    proc = cli("run", str(write_config(tmp_path / "c.yaml", source, out, stages=stages)))
+    assert proc.returncode == 1, proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    expected = {
+        "empty file": f"the source {source} has no rows",
+        "byte-order mark only": f"the source {source} has no rows",
+        "one JSON array as JSONL": f"all 1 quarantined (bad row x1); see {out.resolve()}/quarantine/",
+        "Parquet without the text column": f"all 3 quarantined (missing field x3); see {out.resolve()}/quarantine/",
+    }[case]
+    assert line == f"error: run produced no rows: {expected}"
+    assert not (out / "dataset" / "README.md").exists() and not (out / "dataset" / "mfpo").exists()
+    assert "Traceback" not in proc.stderr
+
+
 def test_broken_json_array_source_is_one_clear_error(tmp_path: Path):
     source = tmp_path / "rows.json"
     source.write_text('[{"image": "a.jpg", "question": "q", "chosen": "a", "rejected": "b"}, {"image": ')
