@@ -57,9 +57,9 @@ def require_split(dataset_dir: Path, split: str, key: str = "eval.split") -> Non
     if split in present and sum(pq.read_metadata(f).num_rows for f in shard_files(dataset_dir, split)):
         return
     have = ", ".join(sorted(present)) or "none"
-    state = "has no rows" if split in present else "is not in the dataset"
+    state = f"`{split}` split has no rows" if split in present else f"dataset has no `{split}` split"
     raise PipelineError(
-        f"{key}: the `{split}` split {state} (splits: {have}); hold rows out with stages.write.splits "
+        f"{key}: the {state} (splits: {have}); hold rows out with stages.write.splits "
         "(e.g. {train: 0.95, test: 0.05}: a 5% split gets a row from about 20 distinct pictures up), or set eval.split"
     )
 

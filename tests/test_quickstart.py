@@ -31,9 +31,12 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _split(row: dict) -> str:
-    from stages.write import split_of
+    """The split of a source row: by a hash of its picture's pixels (the sample's photos are clean RGB JPEGs,
+    stored as they are)."""
+    from stages.write import image_id, split_of
 
-    return split_of(str(row["idx"]), {"train": 0.75, "test": 0.25})
+    picture = {"bytes": (SAMPLE_JSONL.parent / row["image"]).read_bytes(), "path": None}
+    return split_of(image_id(picture), {"train": 0.75, "test": 0.25})
 
 
 def _source_rows() -> list[dict]:

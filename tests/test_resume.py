@@ -62,9 +62,9 @@ def test_torn_shard_without_record_is_redone(tmp_path: Path, source: Path, refer
     # A crash between writing a shard and committing it: the record is missing, the file is torn,
     # and a temporary file is left behind.
     (out / "write" / "_commits" / "shard-00007.json").unlink()
-    shard = next((out / "dataset" / "data").glob("train-00007-*.parquet"))
+    shard = out / "write" / "train" / "shard-00007.parquet"
     shard.write_bytes(shard.read_bytes()[:100])
-    (out / "dataset" / "data" / f".{shard.name}.tmp-12345").write_bytes(b"partial")
+    (shard.parent / f".{shard.name}.tmp-12345").write_bytes(b"partial")
     (out / "ingest" / "_commits" / "shard-00003.json").write_text('{"shard": 3, "finger')  # torn record
 
     status = {s["name"]: s for s in json.loads(cli("status", str(cfg), "--json", check=True).stdout)["stages"]}
