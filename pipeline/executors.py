@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from pipeline.config import RayConfig
 from pipeline.errors import PipelineError, failed_stage, first_line
 from pipeline.schedule import Schedule
-from pipeline.stage import Resources, Stage
+from pipeline.stage import NO_GPU_REPORTED, Resources, Stage
 from pipeline.worker import PassSpec, PassTask, ShardResult, run_pass
 
 log = logging.getLogger("mfpo")
@@ -98,7 +98,11 @@ class _ShardActor:
     """Ray actor: one pass's stages, each set up once, running shard after shard. An exception (in setup() too)
     is raised by run(), so Ray reports it as the task's error with its real type and message."""
 
-    def __init__(self, spec: PassSpec) -> None:
+    def __init__(self, spec: PassSpec, gpus: float) -> None:
+        if gpus == 0:
+            # The driver has said once for the run that these workers get no GPU (RayExecutor.fit); the stages
+            # need not say it again from every actor.
+            os.environ[NO_GPU_REPORTED] = "1"
         self.stages = _PassStages(spec)
 
     def setup(self, names: list[str]) -> None:
@@ -220,7 +224,7 @@ class RayExecutor:
     @staticmethod
     def _add_actors(schedule: Schedule, g: int, pool: _Pool, n: int) -> None:
         for _ in range(n):
-            actor = pool.actor_cls.remote(schedule.spec(g))
+            actor = pool.actor_cls.remote(schedule.spec(g), pool.res.gpus)
             actor.setup.remote(schedule.stages_with_work(g))  # now, so that its first shard does not wait for it
             pool.actors.append(actor)
             pool.idle.append(actor)

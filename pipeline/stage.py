@@ -30,6 +30,9 @@ ALL_COLUMNS = "*"
 # Schema metadata keys with this prefix are provenance a stage records about its columns (e.g. which
 # reference model computed them): the engine carries them to every later stage that reads those columns.
 PROVENANCE_PREFIX = b"mfpo."
+# Set in a worker the executor started without the GPUs its stages asked for, after telling the user once for
+# the run: a stage need not repeat that it runs on CPU.
+NO_GPU_REPORTED = "MFPO_NO_GPU_REPORTED"
 
 
 class StrictModel(BaseModel):

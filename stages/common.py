@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.errors import PipelineError, first_line
-from pipeline.stage import StrictModel
+from pipeline.stage import NO_GPU_REPORTED, Resources, StrictModel
 
 log = logging.getLogger("mfpo")
 
@@ -94,16 +95,23 @@ class ModelConfig(StrictModel):
 _CPU_FALLBACK_SAID: set[str] = set()
 
 
-def select_device(gpus: float, stage: str) -> Any:
-    """CUDA when the stage asked for a GPU and one is visible; otherwise CPU, with a warning if a GPU was asked for."""
+def select_device(resources: Resources, stage: str) -> Any:
+    """CUDA when the stage asked for a GPU and one is visible; otherwise CPU, with a warning if a GPU was asked
+    for. Either way torch computes on as many threads as the stage has CPUs (`resources.cpus`, at least one), as
+    a Ray actor with those CPUs does (Ray sets OMP_NUM_THREADS so): a reduction summed in the same order on
+    either executor gives the same bytes; torch's default (every core) would move a score across the rounding."""
     import torch
 
-    if gpus > 0:
+    torch.set_num_threads(max(1, int(resources.cpus)))
+    if resources.gpus > 0:
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if stage not in _CPU_FALLBACK_SAID:  # one line per stage and process, not one per worker set-up
+        # One line per stage and process, and none from a Ray worker whose driver already said it for the run.
+        if stage not in _CPU_FALLBACK_SAID and not os.environ.get(NO_GPU_REPORTED):
             _CPU_FALLBACK_SAID.add(stage)
-            log.warning("stage %s: resources.gpus=%g but no CUDA device is visible; running on CPU", stage, gpus)
+            log.warning(
+                "stage %s: resources.gpus=%g but no CUDA device is visible; running on CPU", stage, resources.gpus
+            )
     return torch.device("cpu")
 
 

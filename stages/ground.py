@@ -95,7 +95,7 @@ class Ground(Stage):
         if cfg.backend == "grounding-dino":
             from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-            self.device = select_device(self.resources.gpus, self.name)
+            self.device = select_device(self.resources, self.name)
             self.dtype = select_dtype(self.device, cfg.model.precision)
             kwargs = cfg.model.pretrained_kwargs()
             with loading(cfg.model.model, "stages.ground.model.model"):
@@ -105,7 +105,7 @@ class Ground(Stage):
                 ).to(self.device)
             self.model.eval()
         elif cfg.backend == "groundingdino-py":
-            self.device = select_device(self.resources.gpus, self.name)
+            self.device = select_device(self.resources, self.name)
             self.worker = _PackageWorker(cfg.groundingdino_py, self.device.type)
 
     @property

@@ -124,7 +124,7 @@ class Perturb(Stage):
             from diffusers import AutoPipelineForInpainting
 
             cfg = self.config.inpaint.model
-            self.device = select_device(self.resources.gpus, self.name)
+            self.device = select_device(self.resources, self.name)
             dtype = select_dtype(self.device, cfg.precision)
             with loading(cfg.model, "stages.perturb.inpaint.model.model"):
                 self.pipe = AutoPipelineForInpainting.from_pretrained(

@@ -69,7 +69,7 @@ class Score(Stage):
         return self.config.model.missing_local("stages.score.model.model")
 
     def setup(self) -> None:
-        self.device = select_device(self.resources.gpus, self.name)
+        self.device = select_device(self.resources, self.name)
         self.dtype = select_dtype(self.device, self.config.model.precision)
         with loading(self.config.model.model, "stages.score.model.model"):
             self.model, self.processor = load_vlm(self.config.model, self.device, self.dtype)

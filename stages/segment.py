@@ -95,7 +95,7 @@ class Segment(Stage):
         cfg = self.config
         if cfg.backend in ("grabcut", "box"):
             return
-        self.device = select_device(self.resources.gpus, self.name)
+        self.device = select_device(self.resources, self.name)
         if cfg.backend == "sam":
             from transformers import AutoConfig, AutoModel, AutoProcessor
 
