@@ -99,16 +99,13 @@ def _sha256(source: Path | bytes) -> str:
 def check_ready(config: Any, statuses: list[Any], settings: Any, allow_stale: bool) -> None:
     """Refuse (PushRefused) a dataset that is not done for this config or fails the contract check."""
     from mfpo_publish.contract import check_dataset
+    from pipeline.runner import not_ready
 
     if "write" not in config.stages:
         raise PushRefused("nothing to push: this config has no `write` stage")
-    not_done = [s for s in statuses if s.state != "done"]
-    if not_done and not allow_stale:
-        s = not_done[0]
-        raise PushRefused(
-            f"stage {s.name} is {s.state} for this config ({len(not_done)} stage(s) not done): run "
-            f"`python -m pipeline run` first, or pass --allow-stale to push what is on disk"
-        )
+    why = not_ready(statuses)
+    if why is not None and not allow_stale:
+        raise PushRefused(f"{why}; or pass --allow-stale to push what is on disk")
     if allow_stale:
         return
     dataset_dir = Path(config.output_dir) / "dataset"

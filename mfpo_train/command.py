@@ -56,7 +56,7 @@ def dataset_fingerprint(cfg: Any, refuse: bool = True) -> str | None:
     """The dataset's fingerprint; for this run's own dataset, only when every stage is done for this config
     (TrainRefused otherwise, or None with refuse=False)."""
     from mfpo_train.data import dataset_fingerprint as of_files
-    from pipeline.runner import Runner
+    from pipeline.runner import Runner, not_ready
 
     dataset, _ = paths(cfg)
     if not own_dataset(cfg, dataset):
@@ -67,15 +67,11 @@ def dataset_fingerprint(cfg: Any, refuse: bool = True) -> str | None:
         return of_files(dataset)
     runner = Runner(cfg)
     statuses = runner.status()
-    not_done = [s for s in statuses if s.state != "done"]
-    if not_done:
+    why = not_ready(statuses)
+    if why is not None:
         if not refuse:
             return None
-        s = not_done[0]
-        raise TrainRefused(
-            f"the dataset is not ready for this config: stage {s.name} is {s.state}; run "
-            "`python -m pipeline run CONFIG` first"
-        )
+        raise TrainRefused(f"the dataset is not ready for this config: {why}")
     fp = runner.fingerprints()["write"]
     records = runner.layout.committed("write", fp, statuses[-1].num_shards or 0)
     return of_files(dataset, [fp, *(records[k].data_sha256 for k in sorted(records))])

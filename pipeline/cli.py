@@ -393,13 +393,16 @@ def _fail(message: str, runner: Runner) -> None:
 
 def _print_status(statuses: list[StageStatus], console: Console) -> None:
     table = Table(title="stages")
-    for col in ("stage", "state", "shards", "rows in", "kept", "quarantined", "fingerprint"):
+    stale = any(s.why for s in statuses)
+    columns = ["stage", "state", "shards", "rows in", "kept", "quarantined", "fingerprint"] + (["why"] if stale else [])
+    for col in columns:
         table.add_column(col, justify="right" if col in ("rows in", "kept", "quarantined") else "left")
     for s in statuses:
         shards = f"{s.shards_done}/{s.num_shards}" if s.num_shards is not None else "-"
         reasons = ", ".join(f"{k} {v}" for k, v in s.reasons.items())
         q = f"{s.rows_quarantined}" + (f" ({reasons})" if reasons else "")
-        table.add_row(s.name, s.state, shards, str(s.rows_in), str(s.rows_kept), q, s.fingerprint)
+        why = (s.why,) if stale else ()
+        table.add_row(s.name, s.state, shards, str(s.rows_in), str(s.rows_kept), q, s.fingerprint, *why)
     console.print(table)
 
 

@@ -8,6 +8,7 @@ it, nothing before. Stages run one after another; within a stage, pending shards
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -52,6 +53,58 @@ class StageStatus:
     rows_kept: int = 0
     rows_quarantined: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    why: str = ""  # stale: what changed since its files were made
+
+
+def what_changed(stage: str, old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """What differs between the fingerprint inputs a stage's files were made with and this config's, in a few
+    words (config keys first: `stages.ingest.limit: 12 -> null`)."""
+    if not old:
+        return "made by an older version of the pipeline"
+    a, b = _flat(old.get("config") or {}), _flat(new.get("config") or {})
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if keys:
+        shown = "; ".join(f"stages.{stage}.{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in keys[:3])
+        return shown + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+    for key, label in (("seed", "run.seed"), ("shard_size", "run.shard_size")):
+        if old.get(key) != new.get(key):
+            return f"{label}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
+    if old.get("version") != new.get("version"):
+        return f"the stage's code changed (version {old.get('version')} -> {new.get('version')})"
+    if old.get("extra") != new.get("extra"):
+        return "its input changed (e.g. the source files' content)"
+    return "an earlier stage changed"
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def not_ready(statuses: list[StageStatus], config_path: str = "CONFIG") -> str | None:
+    """Why the dataset on disk is not this config's, with what to do; None when every stage is done. A stale
+    stage names what changed: a config given without the run's `--set` overrides reads as another config, and
+    "run it first" would then redo everything from that stage on."""
+    pending = [s for s in statuses if s.state != "done"]
+    if not pending:
+        return None
+    first = pending[0]
+    redo = ", ".join(s.name for s in pending)
+    if first.state == "stale":
+        return (
+            f"stage {first.name} is stale ({first.why or 'its config changed'}), and so is every "
+            f"stage after it: if the dataset was made with --set overrides, give the same ones here; "
+            f"`python -m pipeline run {config_path}` would redo {redo}"
+        )
+    done = f"{first.shards_done} of {first.num_shards} shards" if first.num_shards else "not started"
+    if first.num_shards and first.shards_done == first.num_shards:
+        done = "every shard done, its final files not yet written"
+    return f"stage {first.name} is {first.state} ({done}): `python -m pipeline run {config_path}` runs {redo}"
 
 
 class Runner:
@@ -62,6 +115,7 @@ class Runner:
         self._executor = executor
         self._stages: dict[str, Stage] = {}
         self._fingerprints: dict[str, str] | None = None
+        self._inputs: dict[str, dict[str, Any]] = {}
 
     # ----------------------------------------------------------------------------- building blocks
     def context(self, name: str) -> StageContext:
@@ -90,6 +144,8 @@ class Runner:
                 if stage.is_source:
                     parts["shard_size"] = self.config.run.shard_size
                 upstream = fps[name] = stable_hash(parts, length=16)
+                # Recorded with the stage's files: the config as it was, the rest as hashes (a source's file list).
+                self._inputs[name] = {**parts, "extra": stable_hash(parts["extra"], length=16)}
             self._fingerprints = fps
         return self._fingerprints
 
@@ -106,6 +162,7 @@ class Runner:
             st = StageStatus(name=name, state="pending", fingerprint=fp)
             if state is not None and state.fingerprint != fp:
                 st.state = "stale"
+                st.why = what_changed(name, state.inputs, self._inputs[name])
             elif state is not None and state.num_shards is not None:
                 st.num_shards = state.num_shards
                 records = self.layout.committed(name, fp, state.num_shards)
@@ -267,7 +324,7 @@ class Runner:
             assert upstream_state is not None and upstream_state.num_shards is not None
             num_shards = upstream_state.num_shards
         if state is None:
-            self.layout.write_state(name, StageState(fp, num_shards, shard_size or None))
+            self.layout.write_state(name, StageState(fp, num_shards, shard_size or None, self._inputs[name]))
 
         done = self.layout.committed(name, fp, num_shards)
         retry = sorted(k for k, rec in done.items() if TRANSIENT in rec.reasons)

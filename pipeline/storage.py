@@ -572,6 +572,7 @@ class StageState:
     fingerprint: str
     num_shards: int | None = None
     shard_size: int | None = None  # source stages: rows per shard, as chosen when the rows were planned
+    inputs: dict[str, Any] | None = None  # what the fingerprint hashed (so `status` can say what changed)
 
     @classmethod
     def parse(cls, data: Any) -> StageState | None:
@@ -661,8 +662,9 @@ class RunLayout:
 
     def write_state(self, stage: str, state: StageState) -> None:
         data = asdict(state)
-        if state.shard_size is None:
-            del data["shard_size"]
+        for optional in ("shard_size", "inputs"):
+            if data[optional] is None:
+                del data[optional]
         self.store.write_json(self.state_path(stage), data)
 
     def committed(self, stage: str, fingerprint: str, num_shards: int) -> dict[int, CommitRecord]:

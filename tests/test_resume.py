@@ -97,6 +97,7 @@ def test_changed_config_redoes_that_stage_and_later_only(tmp_path: Path, source:
     changed = ["--set", "stages.write.split=all"]
     status = json.loads(cli("status", str(cfg), "--json", *changed, check=True).stdout)["stages"]
     assert [s["state"] for s in status] == ["done", "stale"]
+    assert status[1]["why"] == 'stages.write.split: "train" -> "all"'  # what changed, as a config key
     cli("run", str(cfg), *changed, check=True)
     assert _mtimes(out / "ingest") == ingest_before  # upstream untouched
     names = sorted(p.name for p in (out / "dataset" / "data").glob("*.parquet"))
@@ -107,6 +108,10 @@ def test_changed_config_redoes_that_stage_and_later_only(tmp_path: Path, source:
     limited = ["--set", "stages.ingest.limit=10"]
     status = json.loads(cli("status", str(cfg), "--json", *limited, check=True).stdout)["stages"]
     assert [s["state"] for s in status] == ["stale", "stale"]
+    # write's files were made with split=all just above: its own change is named, not only its upstream's.
+    assert [s["why"] for s in status] == ["stages.ingest.limit: null -> 10", 'stages.write.split: "all" -> "train"']
+    table = cli("status", str(cfg), *limited, check=True, env={**os.environ, "COLUMNS": "250"}).stdout
+    assert "why" in table and "stages.ingest.limit: null -> 10" in table
     cli("run", str(cfg), *limited, check=True)
     assert len(dataset_rows(out)) == 10
     assert len(list((out / "dataset" / "data").glob("*.parquet"))) == 1  # old shards cleared

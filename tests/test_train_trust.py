@@ -99,9 +99,12 @@ def test_a_dataset_stale_for_the_config_is_refused(trained, tmp_path):
         "train", str(cfg), "--set", f"train.output_dir={tmp_path / 't'}", "--set", "stages.perturb.noise.timestep=300"
     )
     assert proc.returncode == 2
+    # What changed, and what a run would redo: the advice names the stages instead of just "run it first".
     assert proc.stderr.strip() == (
-        "refused: the dataset is not ready for this config: stage perturb is stale; "
-        "run `python -m pipeline run CONFIG` first"
+        "refused: the dataset is not ready for this config: stage perturb is stale "
+        "(stages.perturb.noise.timestep: 500 -> 300), and so is every stage after it: if the dataset was made with "
+        "--set overrides, give the same ones here; `python -m pipeline run CONFIG` would redo perturb, score, "
+        "bucket, write"
     )
     assert not (tmp_path / "t" / "stage-0-easy").exists()
 
