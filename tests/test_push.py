@@ -224,7 +224,8 @@ def test_refuses_a_stale_or_broken_dataset_unless_allowed(run, hub, tmp_path):
     config, out = run
     stale = push(hub, config, tmp_path, "--repo-id", "org/stale", "--set", "stages.perturb.noise.timestep=300")
     assert stale.returncode == 2 and stale.stderr.count("\n") == 1
-    assert "refused: stage perturb is stale for this config" in stale.stderr and "--allow-stale" in stale.stderr
+    assert "refused: stage perturb is stale (stages.perturb.noise.timestep: 500 -> 300)" in stale.stderr
+    assert "would redo perturb, write" in stale.stderr and "--allow-stale" in stale.stderr
     assert not any(m == "POST" for m, _, _ in hub.log)  # nothing was created
 
     broken = tmp_path / "broken"
