@@ -200,6 +200,17 @@ class RayExecutor:
             size = min(size, math.floor(max(total["GPU"] - reserved[1], res.gpus) / res.gpus))
         return max(1, min(size, num_tasks)), res
 
+    @staticmethod
+    def _fits(ray: Any, res: Resources, pools: dict[int, _Pool]) -> bool:
+        """Whether one more actor with `res` can be placed now, beside the actors of `pools`. A pool is started
+        ahead of its work only then: an actor Ray cannot place waits for freed resources, and Ray does not hand
+        them out in pass order, so downstream actors idling on their input could take every CPU an upstream
+        pass still needs (on 2 CPUs, segment waited forever while perturb's and score's actors held both)."""
+        total = ray.cluster_resources()
+        cpus, gpus = _held(list(pools.values()))
+        need_gpus = res.gpus if total.get("GPU", 0) >= res.gpus else 0.0  # fit() runs those on CPU
+        return total.get("CPU", 0) - cpus >= res.cpus - 1e-9 and total.get("GPU", 0) - gpus >= need_gpus - 1e-9
+
     def cpus(self) -> int:
         address = self.config.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -253,6 +264,8 @@ class RayExecutor:
                 # (the driver holds only that) stays bounded by the pools' sizes.
                 for g in reversed(range(len(schedule.groups))):
                     while g not in pools or pools[g].idle:
+                        if g not in pools and in_flight and not self._fits(ray, schedule.resources(g), pools):
+                            break  # its pool starts once another is released (see _fits)
                         task = schedule.next_task(g)
                         if task is None:
                             break
@@ -270,6 +283,7 @@ class RayExecutor:
                         and after < len(schedule.groups)
                         and after not in started
                         and (not schedule.exhausted(after) and not schedule.waits_for_all(after))
+                        and self._fits(ray, schedule.resources(after), pools)
                     ):
                         pools[after] = self._pool(ray, schedule, after, list(pools.values()))
                         started.add(after)

@@ -269,6 +269,24 @@ class HubServer:
         with self._lock:
             self._create(repo_type, repo_id, private)
 
+    def upload(self, folders: dict[str, tuple[str, str | Path, str]], hf_home, base: dict | None = None) -> None:
+        """Create repos and upload folders to them with the real client, as a user would (test setup):
+        ``{repo_id: (repo_type, folder, path_in_repo)}``; path_in_repo "" puts the folder at the root."""
+        import subprocess
+        import sys
+
+        script = (
+            "import json, sys\n"
+            "from huggingface_hub import HfApi\n"
+            "api = HfApi()\n"
+            "for repo_id, (kind, folder, where) in json.loads(sys.argv[1]).items():\n"
+            "    api.create_repo(repo_id, repo_type=kind)\n"
+            "    api.upload_folder(folder_path=folder, path_in_repo=where or None, repo_id=repo_id, repo_type=kind)\n"
+        )
+        payload = json.dumps({k: [kind, str(folder), where] for k, (kind, folder, where) in folders.items()})
+        env = self.client_env(hf_home, token="hf_writer", base=base)
+        subprocess.run([sys.executable, "-c", script, payload], env=env, check=True, capture_output=True)
+
     def commits(self, repo_id: str, repo_type: str = "dataset") -> list[dict]:
         """All commits of the repo (every branch/PR), oldest first: oid, parent, ref, message,
         description, date, paths (changed: added, modified or deleted)."""

@@ -159,8 +159,6 @@ def test_answers_for_an_external_question_file_with_a_judge(trained, tmp_path):
 
 def test_questions_from_a_hub_dataset(trained, tmp_path):
     """eval.generate.questions as a Hub dataset id (image and question columns): every row is answered."""
-    import subprocess
-    import sys
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -180,12 +178,7 @@ def test_questions_from_a_hub_dataset(trained, tmp_path):
     pq.write_table(table, folder / "test-00000-of-00001.parquet")
     with HubServer(tmp_path / "hub") as hub:
         env = hub.client_env(tmp_path / "hf-home", token="hf_writer")
-        upload = (
-            "import sys; from huggingface_hub import HfApi; api = HfApi();"
-            "api.create_repo('hub-user/qs', repo_type='dataset');"
-            "api.upload_folder(folder_path=sys.argv[1], repo_id='hub-user/qs', repo_type='dataset')"
-        )
-        subprocess.run([sys.executable, "-c", upload, str(folder.parent)], env=env, check=True, capture_output=True)
+        hub.upload({"hub-user/qs": ("dataset", folder.parent, "")}, tmp_path / "hf-home")
         sets = ["eval.split=train", "eval.limit=1", "eval.pope.per_row=1", "eval.generate.questions=hub-user/qs"]
         args = [a for s in [*sets, "eval.generate.max_new_tokens=4"] for a in ("--set", s)]
         proc = cli("eval", str(trained[0].parent / "cfg.yaml"), "--model", str(trained[1] / "final"), *args, env=env)

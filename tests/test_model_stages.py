@@ -141,6 +141,7 @@ def test_model_stages_through_the_pipeline(tmp_path: Path, models):
         # and no Python warning with its source line).
         assert sum("running on CPU" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
         assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
+        assert "\x1b[" not in proc.stderr + proc.stdout  # not a terminal: no colour codes, Ray's notes included
         assert "Loading weights" not in proc.stderr + proc.stdout  # no library bars between the run's lines
         rows, problems = check(out)
         assert problems == [] and len(rows) == 6

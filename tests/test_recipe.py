@@ -98,24 +98,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("recipe")
     folders = {}
     for repo_id, save in MODELS.items():
-        folders[repo_id] = str(save(root / "models" / repo_id.replace("/", "--")))
+        folders[repo_id] = ("model", save(root / "models" / repo_id.replace("/", "--")), "")
     data = root / "dataset" / "data"
     data.mkdir(parents=True)
     _rlhfv_parquet(data / "train-00000-of-00001.parquet")
-    folders["dataset:openbmb/RLHF-V-Dataset"] = str(root / "dataset")
+    folders["openbmb/RLHF-V-Dataset"] = ("dataset", root / "dataset", "")
     with HubServer(root / "hub") as server:
-        env = server.client_env(root / "hf-uploader", token="hf_writer")
-        upload = (
-            "import json, sys\n"
-            "from huggingface_hub import HfApi\n"
-            "api = HfApi()\n"
-            "for repo_id, folder in json.loads(sys.argv[1]).items():\n"
-            "    kind = 'dataset' if repo_id.startswith('dataset:') else 'model'\n"
-            "    repo_id = repo_id.removeprefix('dataset:')\n"
-            "    api.create_repo(repo_id, repo_type=kind)\n"
-            "    api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=kind)\n"
-        )
-        subprocess.run([sys.executable, "-c", upload, json.dumps(folders)], env=env, check=True, capture_output=True)
+        server.upload(folders, root / "hf-uploader")
         # The user's machine: online to the (stand-in) Hub, its own cache, a token that may push.
         yield server, server.client_env(root / "hf-home", token="hf_writer"), root
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -110,13 +108,7 @@ def test_missing_object_is_one_line(s3, tmp_path):
 def test_jsonl_in_a_hub_dataset_repo(source, local, tmp_path):
     with HubServer(tmp_path / "hub") as hub:
         env = hub.client_env(tmp_path / "hf-home", token="hf_writer", base=_env())
-        upload = (
-            "from huggingface_hub import HfApi; import sys; api = HfApi();"
-            "api.create_repo('hub-user/prefs', repo_type='dataset');"
-            "api.upload_folder(folder_path=sys.argv[1], path_in_repo='rlhfv_sample', repo_id='hub-user/prefs',"
-            " repo_type='dataset')"
-        )
-        subprocess.run([sys.executable, "-c", upload, str(source)], env=env, check=True, capture_output=True)
+        hub.upload({"hub-user/prefs": ("dataset", source, "rlhfv_sample")}, tmp_path / "hf-home", base=_env())
         remote = _ingest(tmp_path / "out", "hf://datasets/hub-user/prefs/rlhfv_sample/train.jsonl", env=env)
     assert remote == local  # `../outside.jpg` is refused before anything is read, as on disk
 
