@@ -65,3 +65,25 @@ def test_pope_questions_follow_the_three_settings():
     with pytest.raises(ValueError, match="one of random, popular, adversarial"):
         pope_questions(rows, "hard")
     assert not math.isnan(pope_metrics([0.0], [-1.0], [True])["accuracy"])
+
+
+def test_pope_asks_per_picture_and_never_denies_an_object_a_sibling_row_grounded():
+    """Several questions about one picture each ground some of its objects: POPE's positives are the union over
+    the picture's rows, a negative is never one of them, and each picture is asked once (on its first row)."""
+    import datasets
+
+    from mfpo_eval.evaluate import image_questions
+
+    ds = datasets.Dataset.from_dict(
+        {
+            "image_id": ["kitchen", "kitchen", "kitchen", "street", "park"],
+            "box_phrases": [["cup"], ["knife"], [], ["car", "dog"], ["dog", "tree"]],
+        }
+    ).with_format("arrow")
+    for setting in ("random", "popular", "adversarial"):
+        for seed in range(50):
+            questions = image_questions(ds, len(ds), setting, per_image=3, seed=seed)
+            assert {q.row for q in questions} == {0, 3, 4}  # one set per picture, on its first row
+            kitchen = [q for q in questions if q.row == 0]
+            assert {q.object for q in kitchen if q.label} == {"cup", "knife"}
+            assert not {q.object for q in kitchen if not q.label} & {"cup", "knife"}
