@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mfpo_eval.evaluate import evaluate, headline, require_split, write_results
+from mfpo_eval.evaluate import evaluate, headline, write_results
 from mfpo_eval.generate import question_file
 from pipeline.errors import PipelineError
 from pipeline.storage import RunLayout, Store, atomic_write, is_uri, local_folder, write_json, write_text
@@ -86,7 +86,6 @@ def _run_eval(
         Store(train_location).pull() if stages else Store(train_location).pull(("final",))
     if not (dataset / "data").is_dir():
         raise PipelineError(f"no dataset at {dataset_location}: run `python -m pipeline run CONFIG` first")
-    require_split(dataset, settings.split)
     try:
         base: ModelConfig | None = _base_model(cfg, dataset)
         unknown = ""

@@ -170,14 +170,12 @@ def complete(store: Store, record_dir: str, fingerprint: str) -> bool:
     return isinstance(record, dict) and record.get("fingerprint") == fingerprint and record.get("done") is True
 
 
-def compact(store: Store, spec: FinalFiles, record_dir: str, fingerprint: str) -> dict[str, int]:
-    """Write the final files (resuming a plan a killed run started); returns output name -> rows."""
+def compact(store: Store, spec: FinalFiles, record_dir: str, fingerprint: str) -> None:
+    """Write the final files, resuming a plan a killed run started (the caller skips this when `complete()`)."""
     rel_record = f"{record_dir}/{RECORD}"
     record = store.read_json(rel_record)
     key = {"fingerprint": fingerprint, "max_bytes": spec.max_bytes, "rows_per_group": spec.rows_per_group}
     same_plan = isinstance(record, dict) and all(record.get(k) == v for k, v in key.items())
-    if same_plan and record.get("done"):
-        return {name: int(meta["rows"]) for name, meta in record["files"].items()}
     if same_plan:
         plan = record["plan"]
     else:
@@ -189,7 +187,7 @@ def compact(store: Store, spec: FinalFiles, record_dir: str, fingerprint: str) -
         if rel not in names or not same_plan:
             store.remove(rel)  # another plan's file, or one no record vouches for
     schema = None
-    files: dict[str, dict[str, object]] = {}
+    files: dict[str, dict[str, int]] = {}
     for name, (group, start, stop) in names.items():
         paths = spec.groups[group]
         if schema is None:
@@ -206,4 +204,3 @@ def compact(store: Store, spec: FinalFiles, record_dir: str, fingerprint: str) -
             log.info("final files: %s: %d row(s) in %d file(s)", group, part["cuts"][-1], len(part["cuts"]) - 1)
         else:
             log.warning("final files: %s has no rows: %s", group, spec.if_empty.get(group, "no file for it"))
-    return {name: int(meta["rows"]) for name, meta in files.items()}  # type: ignore[call-overload]
