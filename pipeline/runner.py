@@ -96,10 +96,10 @@ def not_ready(statuses: list[StageStatus], config_path: str = "CONFIG") -> str |
     first = pending[0]
     redo = ", ".join(s.name for s in pending)
     if first.state == "stale":
+        after = ", and so is every stage after it" if first is not statuses[-1] else ""
         return (
-            f"stage {first.name} is stale ({first.why or 'its config changed'}), and so is every "
-            f"stage after it: if the dataset was made with --set overrides, give the same ones here; "
-            f"`python -m pipeline run {config_path}` would redo {redo}"
+            f"stage {first.name} is stale ({first.why or 'its config changed'}){after}: if the dataset was made "
+            f"with --set overrides, give the same ones here; `python -m pipeline run {config_path}` would redo {redo}"
         )
     done = f"{first.shards_done} of {first.num_shards} shards" if first.num_shards else "not started"
     if first.num_shards and first.shards_done == first.num_shards:

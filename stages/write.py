@@ -86,9 +86,9 @@ class WriteConfig(StageConfig):
         try:
             size = convert_file_size_to_int(value)
         except ValueError:
-            raise ValueError(f"{value!r} is not a size: bytes, or a number with KB, MB or GB (e.g. 500MB)") from None
+            raise ValueError("the value is not a size: bytes, or a number with KB, MB or GB (e.g. 500MB)") from None
         if size < 1024:
-            raise ValueError(f"{value!r} is below 1KB: each row would be a file of its own")
+            raise ValueError("below 1KB: each row would be a file of its own")
         return size
 
     @model_validator(mode="after")
