@@ -59,6 +59,9 @@ def run(
     _console_logging()
     try:
         runner.run(from_stage=from_stage, only=only, force=force)
+    except ConfigError as err:  # found before any work (e.g. an output folder inside the source)
+        _say("config error", str(err))
+        raise typer.Exit(2) from None
     except PipelineError as err:
         _fail(str(err), runner)
     except Exception as err:

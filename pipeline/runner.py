@@ -22,13 +22,13 @@ import pyarrow as pa
 from pipeline.compact import compact, complete
 from pipeline.config import PipelineConfig
 from pipeline.determinism import stable_hash
-from pipeline.errors import PipelineError, describe_os_error, failed_stage, in_stage
+from pipeline.errors import ConfigError, PipelineError, describe_os_error, failed_stage, in_stage
 from pipeline.executors import Executor, make_executor
 from pipeline.progress import make_progress
 from pipeline.registry import get_stage, run_hooks
 from pipeline.schedule import Schedule, StageRun
 from pipeline.stage import ALL_COLUMNS, SourceStage, Stage, StageContext
-from pipeline.storage import CommitRecord, RunLayout, StageState, Store
+from pipeline.storage import CommitRecord, RunLayout, StageState, Store, nested
 from pipeline.worker import InputPart, ShardTask, StageSpec, load_input
 
 log = logging.getLogger("mfpo")
@@ -187,6 +187,7 @@ class Runner:
                 raise PipelineError(f"{flag} {value}: not a stage of this config ({', '.join(self.names)})")
         if from_stage and only:
             raise PipelineError("use either --from or --only, not both")
+        self._check_locations()
         try:
             self.layout.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -265,6 +266,23 @@ class Runner:
             started = time.perf_counter()
             compact(self.layout.store, spec, run.name, key)
             log.info("stage %s: final files written in %.1f s", run.name, time.perf_counter() - started)
+
+    def _check_locations(self) -> None:
+        """The run's output folder apart from everything a stage reads: checked before anything is created."""
+        output = self.layout.location
+        for name in self.names:
+            for location in self.stage(name).reads_from():
+                where = nested(output, location)
+                if where:
+                    relation, why = (
+                        ("is inside", "the run would read its own output")
+                        if where == "inside"
+                        else ("holds", "a redo would delete it")
+                    )
+                    raise ConfigError(
+                        f"run.output_dir: {output} {relation} {location}, which stage {name} reads ({why}); "
+                        "choose an output folder outside it"
+                    )
 
     def _check(self, names: list[str]) -> None:
         """What would fail on every worker (a missing package or model directory) fails here, before Ray starts

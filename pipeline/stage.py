@@ -148,6 +148,12 @@ class Stage(ABC):
         """Anything besides the config that determines the output (e.g. the source file's hash)."""
         return None
 
+    def reads_from(self) -> list[str]:
+        """Files and folders outside the run that this stage reads (local paths or URIs). The engine refuses a
+        run whose output folder lies inside one of them, or holds one: it would read its own output, or
+        delete its input when a stage is redone."""
+        return []
+
     @abstractmethod
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         """Schema of the table `process_batch` returns: sample_id plus `outputs`."""

@@ -68,6 +68,22 @@ def local_path(location: str | Path) -> Path:
     return Path(str(location).removeprefix("file://")).expanduser()
 
 
+def nested(a: str | Path, b: str | Path) -> str | None:
+    """"inside" when location `a` is `b` or lies inside it, "around" when `b` lies inside `a`, else None.
+    Local paths compare resolved (symlinks followed), URIs by their text (`s3://bucket/x/` holds `s3://bucket/x/y`)."""
+    if is_uri(a) != is_uri(b):
+        return None
+    if is_uri(a):
+        x, y = str(a).rstrip("/") + "/", str(b).rstrip("/") + "/"
+    else:
+        x, y = str(local_path(a).resolve()) + "/", str(local_path(b).resolve()) + "/"
+    if x.startswith(y):
+        return "inside"
+    if y.startswith(x):
+        return "around"
+    return None
+
+
 def filesystem(uri: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for a URI; a missing filesystem package is a one-line error with
     the exact install command. Credentials come from each store's usual environment and config files

@@ -44,11 +44,13 @@ import hashlib
 import json
 import posixpath
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import PipelineError, RowError, first_line
@@ -68,6 +70,22 @@ _CONSUMED = {
 }
 _MAX_DEPTH = 64  # JSON nesting no real row needs; deeper rows would exhaust the recursion limit later
 _CONTROL = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # control characters but NUL, \t, \n, \r
+# Invisible format characters (Unicode category Cf, less the visible prepended marks such as U+0600): zero-width
+# space and joiners, bidi marks and embeddings, word joiner, BOM, soft hyphen, tags, ... A reader sees none.
+_INVISIBLE = (
+    "\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+)
+_INVISIBLE_RUN = re.compile(f"[{_INVISIBLE}]")
+# Kept where they shape what a reader sees: a joiner between two visible characters (emoji sequences such as
+# U+1F9D1 U+200D U+1F680, Persian and Indic words), tag characters spelling a flag after U+1F3F4.
+_SHAPING = re.compile(
+    f"(?<=[^\\s{_INVISIBLE}])[\u200c\u200d](?=[^\\s{_INVISIBLE}])|(?<=\U0001f3f4)[\U000e0020-\U000e007f]+\U000e007f"
+)
+# The LLaVA convention: the human turn begins (or ends) with the image's own marker. The row has one image, so
+# the marker is dropped; any other `<image>` is text, which the model helpers tokenise as text (stages.vlm).
+_NOTES_KEY = "_ingest"  # meta key of what ingest changed in the text fields (reserved)
+_IMAGE_MARKER = re.compile(r"^\s*<image>\s*|\s*<image>\s*$")
 SOURCE_TYPE = pa.struct([("dataset", pa.string()), ("split", pa.string()), ("index", pa.int64())])
 
 
@@ -173,6 +191,10 @@ class _JsonSource:
     def rows(self, indices: list[int], columns: list[str] | None = None) -> list[tuple[dict | None, str | None]]:
         return [self.row(i) for i in indices]
 
+    def digest(self, i: int, fields: dict | None) -> str:
+        """What the row is, byte for byte: the plan records it, and a worker checks what it read against it."""
+        return hashlib.sha256(self.records[i][1]).hexdigest()[:32]
+
 
 class _DatasetsSource:
     """Hub dataset, local Parquet, or a save_to_disk folder, through `datasets` (memory-mapped Arrow).
@@ -195,6 +217,9 @@ class _DatasetsSource:
 
     def raw(self, i: int) -> dict[str, Any]:
         return {}
+
+    def digest(self, i: int, fields: dict | None) -> str:
+        return hashlib.sha256(_canonical(fields or {})).hexdigest()[:32]
 
 
 class _ImageFolder:
@@ -279,7 +304,9 @@ def _open_source(cfg: IngestConfig) -> tuple[Any, _ImageFolder | None]:
         files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
         if not files or any(f.suffix.lower() != ".parquet" for f in files):
             raise PipelineError(f"stages.ingest.source: {cfg.source} {_NOT_A_SOURCE}")
-        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        named = [(str(f.relative_to(path)) if path.is_dir() else f.name, pq.read_schema(f)) for f in files]
+        features = _union_features(named)
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", features=features)
         return _DatasetsSource(ds, allow_paths=True), _ImageFolder(path if path.is_dir() else path.parent)
     if cfg.source.startswith((".", "/", "~", "file://")) or cfg.source.endswith((*_LOCAL_TEXT, ".parquet")):
         raise PipelineError(f"stages.ingest.source: file not found: {cfg.source}")
@@ -331,8 +358,37 @@ def _open_remote(cfg: IngestConfig) -> tuple[Any, _ImageFolder | None]:
         hint = "; for a whole Hub dataset give its id (<org>/<name>)" if cfg.source.startswith("hf://") else ""
         raise PipelineError(f"stages.ingest.source: {cfg.source} {_NOT_A_SOURCE}{hint}")
     uris = [fs.unstrip_protocol(f) for f in parquet]
-    ds = datasets.load_dataset("parquet", data_files=uris, split="train", storage_options=fs.storage_options)
+    schemas = []
+    for f in parquet:
+        with fs.open(f, "rb") as fh:
+            name = posixpath.relpath(f, path) if files != [path] else posixpath.basename(f)
+            schemas.append((name, pq.read_schema(fh)))
+    ds = datasets.load_dataset(
+        "parquet", data_files=uris, split="train", storage_options=fs.storage_options, features=_union_features(schemas)
+    )
     return _DatasetsSource(ds, allow_paths=True), _ImageFolder(folder)
+
+
+def _union_features(schemas: list[tuple[str, pa.Schema]]) -> Any:
+    """None when every Parquet part has the same columns; else the union of their columns (a part without a
+    column reads it as null), as `datasets` features. Parts that give one column two types are refused, naming
+    both files and the column."""
+    import datasets
+
+    first = schemas[0][1]
+    if all(schema.equals(first) for _, schema in schemas[1:]):
+        return None
+    seen: dict[str, tuple[str, pa.DataType]] = {}
+    for name, schema in schemas:
+        for field in schema:
+            other = seen.setdefault(field.name, (name, field.type))
+            if other[1] != field.type and not pa.types.is_null(other[1]) and not pa.types.is_null(field.type):
+                raise PipelineError(
+                    f"stages.ingest.source: {other[0]} and {name} give column {field.name!r} different types "
+                    f"({other[1]} vs {field.type}); make the Parquet parts agree, or give one of them as the source"
+                )
+    unified = pa.unify_schemas([schema.remove_metadata() for _, schema in schemas])
+    return datasets.Features.from_arrow_schema(unified)
 
 
 def _dataset_name(source: str) -> str:
@@ -363,7 +419,7 @@ def _detect_format(columns: set[str]) -> str:
 class Ingest(SourceStage):
     name: ClassVar[str] = "ingest"
     Config = IngestConfig
-    version: ClassVar[int] = 2  # 2: hostile inputs (BOM kept row, identical pairs, empty bytes, base64, ...)
+    version: ClassVar[int] = 3  # 3: NFC and invisible characters, the LLaVA image marker, planned row digests
     outputs: ClassVar[tuple[str, ...]] = ("image", "question", "chosen", "rejected", "meta", "source")
     config: IngestConfig
 
@@ -400,6 +456,12 @@ class Ingest(SourceStage):
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         return [{"file": str(f.relative_to(path.parent)), "sha256": file_sha256(f)} for f in files]
 
+    def reads_from(self) -> list[str]:
+        """The source file or folder (a Hub dataset id is not a location of this machine). Images named by
+        relative path are not listed: they are read one by one, by name, never by walking a folder."""
+        source = self.config.source
+        return [source] if is_uri(source) or local_path(source).exists() else []
+
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         return pa.schema(
             [
@@ -429,12 +491,16 @@ class Ingest(SourceStage):
             )
         ids: list[str] = []
         errors: list[str | None] = []
-        for start in range(0, len(order), 1024):
-            chunk = [int(i) for i in order[start : start + 1024]]
-            for i, (fields, err) in zip(chunk, self.source.rows(chunk, [id_col] if id_col else None), strict=True):
+        digests: list[str] = []
+        # Whole rows are read, not just ids: each row's digest is planned, so a worker that reads a source
+        # changed since (rewritten, re-ordered, a new Hub commit) stops instead of pairing ids with other rows.
+        for start in range(0, len(order), 256):
+            chunk = [int(i) for i in order[start : start + 256]]
+            for i, (fields, err) in zip(chunk, self.source.rows(chunk), strict=True):
                 sample_id, problem = self._sample_id(i, fields, err, id_col)
                 ids.append(sample_id)
                 errors.append(problem)
+                digests.append(self.source.digest(i, fields))
         first_seen: dict[str, int] = {}
         duplicate_of: list[int | None] = []
         for pos, sid in enumerate(ids):
@@ -447,6 +513,7 @@ class Ingest(SourceStage):
                 "source_index": pa.array(order.astype(np.int64), pa.int64()),
                 "duplicate_of": pa.array(duplicate_of, pa.int64()),
                 "plan_error": pa.array(errors, pa.string()),
+                "row_digest": pa.array(digests, pa.string()),
             }
         )
 
@@ -480,7 +547,13 @@ class Ingest(SourceStage):
     # ------------------------------------------------------------------ rows (workers)
     def process_batch(self, table: pa.Table) -> BatchResult:
         plan = table.to_pylist()
-        raws = self.source.rows([p["source_index"] for p in plan])
+        indices = [p["source_index"] for p in plan]
+        if indices and max(indices) >= len(self.source):
+            raise self._changed(f"it has {len(self.source)} rows, the plan reads row {max(indices)}")
+        raws = self.source.rows(indices)
+        for p, (fields, _) in zip(plan, raws, strict=True):
+            if self.source.digest(p["source_index"], fields) != p["row_digest"]:
+                raise self._changed(f"source row {p['source_index']} is not the row planned")
         kept: list[dict[str, Any]] = []
         rejected: list[Rejection] = []
         for p, (fields, err) in zip(plan, raws, strict=True):
@@ -502,18 +575,31 @@ class Ingest(SourceStage):
                 )
         return BatchResult(pa.Table.from_pylist(kept, schema=self.output_schema(table.schema)), rejected)
 
+    def _changed(self, detail: str) -> PipelineError:
+        # Nothing of this shard is committed; the next run sees the new content in the fingerprint and re-plans.
+        return PipelineError(
+            f"stages.ingest.source: {self.config.source} changed after the rows were planned ({detail}); "
+            "nothing read from the changed source was kept: run again to re-plan"
+        )
+
     def _row(self, index: int, fields: dict[str, Any]) -> dict[str, Any]:
         image_ref, question, chosen, rejected = _normalise(self.format, fields)
         data = self._image_bytes(image_ref)
         clean = validate_image(data, self.limits)
+        notes: dict[str, dict[str, Any]] = {}
         texts = {
-            "question": self._text(question, "question"),
-            "chosen": self._text(chosen, "chosen"),
-            "rejected": self._text(rejected, "rejected"),
+            "question": self._text(question, "question", notes),
+            "chosen": self._text(chosen, "chosen", notes),
+            "rejected": self._text(rejected, "rejected", notes),
         }
-        if " ".join(texts["chosen"].split()) == " ".join(texts["rejected"].split()):
-            raise RowError("bad pair: chosen and rejected are identical (after whitespace normalisation)")
+        if reader_view(texts["chosen"]) == reader_view(texts["rejected"]):
+            raise RowError(
+                "bad pair: chosen and rejected are identical (after NFC, invisible-character and whitespace "
+                "normalisation)"
+            )
         meta = {k: describe_value(v) for k, v in fields.items() if k not in _CONSUMED[self.format]}
+        if notes:
+            meta[_NOTES_KEY] = notes
         try:
             meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
             meta_json.encode("utf-8")
@@ -550,7 +636,9 @@ class Ingest(SourceStage):
             raise RowError("image: the row gives only a path and this source may not read local files")
         return self.images.read(ref, self.limits.max_bytes)
 
-    def _text(self, value: Any, field: str) -> str:
+    def _text(self, value: Any, field: str, notes: dict[str, dict[str, Any]]) -> str:
+        """The field as a model and a person see it: NFC, without control or invisible format characters (what
+        was changed is counted in `notes`, which goes to meta["_ingest"]); emptiness is judged on that."""
         if value is None:
             raise RowError(f"missing field: {field}")
         if isinstance(value, bytes | bytearray):
@@ -566,12 +654,51 @@ class Ingest(SourceStage):
             raise RowError(f"text: {field} is not valid UTF-8 (lone surrogate)") from None
         if "\x00" in value:
             raise RowError(f"text: {field} contains a NUL character (binary data?)")
-        value = _CONTROL.sub("", value).strip()  # stray control characters are extraction noise
-        if not value:
-            raise RowError(f"missing field: {field} is empty")
+        note: dict[str, Any] = {}
+        cleaned = _CONTROL.sub("", value)  # stray control characters are extraction noise
+        if len(cleaned) != len(value):
+            note["control_removed"] = len(value) - len(cleaned)
+        value = unicodedata.normalize("NFC", cleaned)
+        if value != cleaned:
+            note["nfc"] = True
+        value, invisible = _without_invisible(value)
+        if invisible:
+            note["invisible_removed"] = invisible
+        if field == "question":
+            unmarked = _IMAGE_MARKER.sub("", value)
+            if unmarked != value:
+                note["image_marker_removed"] = True
+                value = unmarked
+        value = value.strip()
+        if not reader_view(value):
+            only_invisible = " (only invisible characters)" if cleaned.strip() else ""
+            raise RowError(f"missing field: {field} is empty{only_invisible}")
         if len(value) > self.config.max_text_chars:
             raise RowError(f"text: {field} has {len(value)} characters (max_text_chars={self.config.max_text_chars})")
+        if note:
+            notes[field] = note
         return value
+
+
+def reader_view(text: str) -> str:
+    """What a reader sees of a text, for equality and emptiness: no invisible characters, whitespace runs as one
+    space."""
+    return " ".join(_INVISIBLE_RUN.sub("", text).split())
+
+
+def _without_invisible(text: str) -> tuple[str, int]:
+    """The text without invisible format characters, but the joiners and tags that shape a visible character;
+    and how many characters were removed."""
+    parts, removed, pos = [], 0, 0
+    for m in [*_SHAPING.finditer(text), None]:
+        end = len(text) if m is None else m.start()
+        segment = _INVISIBLE_RUN.sub("", text[pos:end])
+        removed += end - pos - len(segment)
+        parts.append(segment)
+        if m is not None:
+            parts.append(m.group())
+            pos = m.end()
+    return "".join(parts), removed
 
 
 def _normalise(fmt: str, fields: dict[str, Any]) -> tuple[Any, Any, Any, Any]:

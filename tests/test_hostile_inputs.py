@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import time
+import unicodedata
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,19 @@ CASES = [
     Case("very_long_text", "quarantined", "text: chosen has 1000000 characters (max_text_chars=20000)"),
     Case("rtl_emoji", "kept"),  # kept exactly
     Case("identical_pair", "quarantined", "bad pair: chosen and rejected are identical"),
+    # --- text as a reader sees it: NFC, invisible characters, the LLaVA image marker, the length limit
+    Case("nfd_identical_pair", "quarantined", "bad pair: chosen and rejected are identical"),  # NFC vs NFD
+    Case("zero_width_identical_pair", "quarantined", "bad pair: chosen and rejected are identical"),
+    Case("bidi_marks_identical_pair", "quarantined", "bad pair: chosen and rejected are identical"),
+    Case("invisible_question", "quarantined", "missing field: question is empty (only invisible characters)"),
+    Case("invisible_answer", "quarantined", "missing field: rejected is empty (only invisible characters)"),
+    Case("nfd_question", "kept"),  # stored NFC, counted in meta
+    Case("invisible_in_question", "kept"),  # zero-width space and soft hyphen removed, counted in meta
+    Case("llava_image_marker", "kept"),  # "<image>\n" before the question: the source's own marker, removed
+    Case("image_token_in_text", "kept"),  # any other "<image>" is text, kept as written
+    Case("max_text_chars_exact", "kept"),  # exactly 20,000 characters: kept whole
+    Case("max_text_chars_after_cleanup", "kept"),  # 20,000 visible + invisible ones: the limit counts what stays
+    Case("max_text_chars_plus_one", "quarantined", "text: chosen has 20001 characters (max_text_chars=20000)"),
     # --- the image field: types, text in place of bytes, paths
     Case("image_int", "quarantined", "bad field: image must be bytes, a data URI or a path, got int"),
     Case("image_list", "quarantined", "bad field: image must be bytes, a data URI or a path, got list"),
@@ -225,6 +239,18 @@ def _line(kind: str) -> str:
         "very_long_text": _row(kind, chosen="x" * 1_000_000),
         "rtl_emoji": _row(kind, question="ما لون القرص؟ 🔴🧑‍🚀 What colour?"),
         "identical_pair": _row(kind, chosen="It is  red.", rejected="  It is red.\n"),
+        "nfd_identical_pair": _row(kind, chosen="A café crème.", rejected=unicodedata.normalize("NFD", "A café crème.")),
+        "zero_width_identical_pair": _row(kind, chosen="It is red.", rejected="It is\u200b red\u200d.\ufeff"),
+        "bidi_marks_identical_pair": _row(kind, chosen="It is red.", rejected="\u200fIt is\u2060 red.\u202c"),
+        "invisible_question": _row(kind, question="\u200b\u200d \ufeff\u2060"),
+        "invisible_answer": _row(kind, rejected="\u200b\u00ad"),
+        "nfd_question": _row(kind, question=unicodedata.normalize("NFD", "Qu'y a-t-il à côté du café ?")),
+        "invisible_in_question": _row(kind, question="What\u200b colour is the dis\u00adc?"),
+        "llava_image_marker": _row(kind, question="<image>\nWhat colour is the disc?"),
+        "image_token_in_text": _row(kind, question="Is <image> written on it?", chosen="It reads <image>, in red."),
+        "max_text_chars_exact": _row(kind, chosen="r" * 20_000),
+        "max_text_chars_after_cleanup": _row(kind, chosen="r" * 10_000 + "\u200b" * 5 + "r" * 10_000),
+        "max_text_chars_plus_one": _row(kind, chosen="r" * 20_001),
         "image_int": _row(kind, image=5),
         "image_list": _row(kind, image=["images/good.jpg"]),
         "image_dict_no_data": _row(kind, image={"format": "jpeg"}),
@@ -347,7 +373,18 @@ def test_repairs_of_kept_rows(run):
     assert rows["bom"]["question"] == "BOM row: what is shown?"  # the BOM did not cost the first row
     assert rows["crlf"]["question"] == "CRLF row: what is shown?"
     assert rows["control_chars"]["question"] == "What colour is the disc?"
-    assert rows["rtl_emoji"]["question"] == "ما لون القرص؟ 🔴🧑‍🚀 What colour?"
+    assert rows["rtl_emoji"]["question"] == "ما لون القرص؟ 🔴🧑‍🚀 What colour?"  # the joiner inside 🧑‍🚀 stays
+    assert "_ingest" not in json.loads(rows["rtl_emoji"]["meta"])  # nothing was changed
+    assert rows["nfd_question"]["question"] == unicodedata.normalize("NFC", "Qu'y a-t-il à côté du café ?")
+    assert json.loads(rows["nfd_question"]["meta"])["_ingest"] == {"question": {"nfc": True}}
+    assert rows["invisible_in_question"]["question"] == "What colour is the disc?"
+    assert json.loads(rows["invisible_in_question"]["meta"])["_ingest"] == {"question": {"invisible_removed": 2}}
+    assert rows["llava_image_marker"]["question"] == "What colour is the disc?"
+    assert json.loads(rows["llava_image_marker"]["meta"])["_ingest"] == {"question": {"image_marker_removed": True}}
+    assert rows["image_token_in_text"]["question"] == "Is <image> written on it?"
+    assert rows["image_token_in_text"]["chosen_text"] == "It reads <image>, in red."
+    assert rows["max_text_chars_exact"]["chosen_text"] == "r" * 20_000
+    assert rows["max_text_chars_after_cleanup"]["chosen_text"] == "r" * 20_000
     assert json.loads(rows["7000"]["meta"])["annotations"] == GOOD_ANNOTATIONS
     assert BIG_ID_SID in rows
     png_pixels = np.asarray(photo(W, H, seed=3)).astype(int)
