@@ -25,12 +25,15 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field
 
+from pipeline.errors import first_line
 from pipeline.images import decode_rgb
 from pipeline.registry import register
-from pipeline.stage import BatchResult, Stage, StageConfig
+from pipeline.stage import BatchResult, Rejection, Stage, StageConfig
 from stages.common import ModelConfig, loading, select_device, select_dtype
 from stages.vlm import (
     REFERENCE_KEY,
+    Example,
+    UnencodableText,
     answer_scores,
     build_prompt,
     collate,
@@ -97,43 +100,82 @@ class Score(Stage):
         with torch.inference_mode():
             return answer_scores(self.model, examples, collate(examples, self.pad_id, self.device, self.dtype))
 
+    def _encode(self, row: dict[str, Any]) -> list[Example | None]:
+        """The row's sequences: chosen and rejected on the clean image, chosen on the dispreferred one (None when
+        the row has none). One prompt (image + question) serves both answers on the clean image."""
+        system = self.config.system_prompt
+        clean = build_prompt(self.processor, decode_rgb(row["image"]), row["question"], system)
+        noised = None
+        if row["rejected_image"] is not None:
+            prompt = build_prompt(self.processor, decode_rgb(row["rejected_image"]), row["question"], system)
+            noised = with_answer(self.processor, prompt, row["chosen"])
+        return [
+            with_answer(self.processor, clean, row["chosen"]),
+            with_answer(self.processor, clean, row["rejected"]),
+            noised,
+        ]
+
+    def _score_each(self, examples: list[Example]) -> list[tuple[float, float, float] | str]:
+        """(logp, entropy_mean, entropy_sum) of each sequence, or why the model could not score it. Scored as one
+        batch; when that fails, one by one, so a sequence the model refuses costs only its own row."""
+        try:
+            scores = self._score(examples)
+        except (RuntimeError, ValueError, IndexError) as err:
+            if _out_of_memory(err):
+                raise  # the machine's limit, not the row's: the stage fails and is retried
+            if len(examples) > 1:
+                return [result for e in examples for result in self._score_each([e])]
+            return [f"score: the model cannot score this row ({type(err).__name__}: {first_line(err)})"]
+        return list(
+            zip(scores["logp"].tolist(), scores["entropy_mean"].tolist(), scores["entropy_sum"].tolist(), strict=True)
+        )
+
     def process_batch(self, table: pa.Table) -> BatchResult:
         rows = table.to_pylist()
-        system = self.config.system_prompt
-        # One prompt (image + question) per row serves both answers on the clean image.
-        clean = [build_prompt(self.processor, decode_rgb(r["image"]), r["question"], system) for r in rows]
-        chosen = self._score([with_answer(self.processor, p, r["chosen"]) for p, r in zip(clean, rows, strict=True)])
-        rejected = self._score(
-            [with_answer(self.processor, p, r["rejected"]) for p, r in zip(clean, rows, strict=True)]
-        )
-        noisy_idx = [i for i, r in enumerate(rows) if r["rejected_image"] is not None]
-        noised: dict[int, float] = {}
-        if noisy_idx:
-            scores = self._score(
-                [
-                    with_answer(
-                        self.processor,
-                        build_prompt(
-                            self.processor, decode_rgb(rows[i]["rejected_image"]), rows[i]["question"], system
-                        ),
-                        rows[i]["chosen"],
-                    )
-                    for i in noisy_idx
-                ]
+        rejected: dict[int, Rejection] = {}
+        encoded: dict[int, list[Example | None]] = {}
+        for i, row in enumerate(rows):
+            try:
+                encoded[i] = self._encode(row)
+            except UnencodableText as err:
+                rejected[i] = Rejection(row["sample_id"], f"score: cannot encode the row ({err})", _brief(row))
+        # Three forwards, as many sequences each as rows: chosen, rejected (clean image), chosen on m'.
+        results: dict[int, list[tuple[float, float, float] | str | None]] = {i: [None] * 3 for i in encoded}
+        for kind in range(3):
+            todo = [i for i, seqs in encoded.items() if seqs[kind] is not None]
+            if todo:
+                for i, result in zip(todo, self._score_each([encoded[i][kind] for i in todo]), strict=True):
+                    results[i][kind] = result
+        out = []
+        for i, (chosen, rejected_answer, noised) in results.items():
+            problem = next((r for r in (chosen, rejected_answer, noised) if isinstance(r, str)), None)
+            if problem is not None:
+                rejected[i] = Rejection(rows[i]["sample_id"], problem, _brief(rows[i]))
+                continue
+            assert isinstance(chosen, tuple) and isinstance(rejected_answer, tuple)
+            logp, entropy_mean, entropy_sum = chosen
+            if self.config.difficulty == "nll":
+                difficulty = -logp
+            else:
+                difficulty = entropy_mean if self.config.aggregate == "mean" else entropy_sum
+            out.append(
+                {
+                    "sample_id": rows[i]["sample_id"],
+                    "difficulty": difficulty,
+                    "ref_logp_chosen": logp,
+                    "ref_logp_rejected": rejected_answer[0],
+                    "ref_logp_chosen_noised": noised[0] if isinstance(noised, tuple) else None,
+                }
             )
-            noised = dict(zip(noisy_idx, scores["logp"].tolist(), strict=True))
-        if self.config.difficulty == "nll":
-            difficulty = (-chosen["logp"]).tolist()
-        else:
-            difficulty = chosen["entropy_mean" if self.config.aggregate == "mean" else "entropy_sum"].tolist()
-        out = [
-            {
-                "sample_id": r["sample_id"],
-                "difficulty": difficulty[i],
-                "ref_logp_chosen": float(chosen["logp"][i]),
-                "ref_logp_rejected": float(rejected["logp"][i]),
-                "ref_logp_chosen_noised": noised.get(i),
-            }
-            for i, r in enumerate(rows)
-        ]
-        return BatchResult(pa.Table.from_pylist(out, schema=self.output_schema(table.schema)))
+        schema = self.output_schema(table.schema)
+        return BatchResult(pa.Table.from_pylist(out, schema=schema), [rejected[i] for i in sorted(rejected)])
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Out of memory is the machine's limit, not the row's fault: the stage fails (and is retried) instead."""
+    return "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError"
+
+
+def _brief(row: dict[str, Any]) -> dict[str, Any]:
+    """The texts of a quarantined row (its images are in the ingest output)."""
+    return {k: row[k] for k in ("question", "chosen", "rejected") if k in row}

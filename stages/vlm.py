@@ -102,22 +102,81 @@ def prompt_messages(question: str, system: str | None = None) -> list[dict[str, 
     return messages
 
 
+class UnencodableText(ValueError):
+    """A question or answer that cannot be given to the model as text (the score stage quarantines its row)."""
+
+
+# Where the question goes while the chat template is rendered, for a question that holds a special token's text:
+# private-use characters, which no template or tokenizer gives a meaning.
+_QUESTION_SLOT = "\ue000question\ue001"
+
+
+def special_strings(processor: Any) -> tuple[str, ...]:
+    """The texts the tokenizer or processor would read as special tokens (`<image>`, `<|im_end|>`, ...):
+    in a question or answer they are data, tokenised as the characters they are."""
+    cached = getattr(processor, "_mfpo_special_strings", None)
+    if cached is None:
+        tok = processor.tokenizer
+        found = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        for attr in ("image_token", "video_token", "audio_token", "boi_token", "eoi_token", "fake_image_token"):
+            value = getattr(processor, attr, None)
+            if isinstance(value, str):
+                found.add(value)
+        cached = tuple(sorted((s for s in found if s), key=len, reverse=True))
+        processor._mfpo_special_strings = cached
+    return cached
+
+
+def _text_ids(processor: Any, text: str, what: str) -> list[int]:
+    """Token ids of `text` as plain text: special tokens' strings split into ordinary tokens."""
+    tokenizer = processor.tokenizer
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    if any(i in special for i in ids):  # a tokenizer that cannot split them: never pass one through as markup
+        raise UnencodableText(f"{what}: the tokenizer reads part of it as a special token")
+    return ids
+
+
 def build_prompt(processor: Any, image: np.ndarray, question: str, system: str | None = None) -> Example:
-    """The prompt part of a sequence (image tokens and question), ready for `with_answer`."""
+    """The prompt part of a sequence (image tokens and question), ready for `with_answer`. A question holding
+    a special token's text (a literal `<image>`) is tokenised around the template: that text stays text."""
+    if any(s in question for s in special_strings(processor)):
+        return _build_prompt_escaped(processor, image, question, system)
     prompt = processor.apply_chat_template(prompt_messages(question, system), add_generation_prompt=True)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-    prompt_ids = inputs["input_ids"][0].tolist()
+    return _prompt_example(inputs, [])
+
+
+def _build_prompt_escaped(processor: Any, image: np.ndarray, question: str, system: str | None) -> Example:
+    rendered = processor.apply_chat_template(prompt_messages(_QUESTION_SLOT, system), add_generation_prompt=True)
+    before, found, after = rendered.partition(_QUESTION_SLOT)
+    if not found or _QUESTION_SLOT in after:
+        raise UnencodableText("question: the chat template does not place the question as given")
+    inputs = processor(images=[image], text=[before], return_tensors="pt")  # the image's tokens, expanded
+    rest = processor.tokenizer(after, add_special_tokens=False)["input_ids"]
+    return _prompt_example(inputs, _text_ids(processor, question, "question") + rest)
+
+
+def _prompt_example(inputs: Any, more_ids: list[int]) -> Example:
+    """An Example from the processor's outputs, followed by `more_ids` (text: per-token extras are 0 there)."""
+    import torch
+
+    head = inputs["input_ids"][0].tolist()
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     token_keys = tuple(
-        k for k, v in extra.items() if not k.startswith("pixel") and v.ndim == 2 and v.shape == (1, len(prompt_ids))
+        k for k, v in extra.items() if not k.startswith("pixel") and v.ndim == 2 and v.shape == (1, len(head))
     )
+    for k in token_keys:
+        extra[k] = torch.cat([extra[k], extra[k].new_zeros((1, len(more_ids)))], dim=1)
+    prompt_ids = head + more_ids
     return Example(prompt_ids, len(prompt_ids), extra, token_keys)
 
 
 def with_answer(processor: Any, prompt: Example, answer: str) -> Example:
-    """The prompt followed by the answer's own tokens and the end-of-turn token."""
+    """The prompt followed by the answer's own tokens (as text: a literal `<image>` is characters, not the
+    image token) and the end-of-turn token."""
     tokenizer = processor.tokenizer
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    answer_ids = _text_ids(processor, answer, "answer")
     if tokenizer.eos_token_id is not None:
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
     return Example(prompt.input_ids + answer_ids, len(prompt.input_ids), prompt.extra, prompt.token_keys)

@@ -14,8 +14,8 @@ import hashlib
 import io
 import json
 import time
-import unicodedata
 import tracemalloc
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,7 +239,9 @@ def _line(kind: str) -> str:
         "very_long_text": _row(kind, chosen="x" * 1_000_000),
         "rtl_emoji": _row(kind, question="ما لون القرص؟ 🔴🧑‍🚀 What colour?"),
         "identical_pair": _row(kind, chosen="It is  red.", rejected="  It is red.\n"),
-        "nfd_identical_pair": _row(kind, chosen="A café crème.", rejected=unicodedata.normalize("NFD", "A café crème.")),
+        "nfd_identical_pair": _row(
+            kind, chosen="A café crème.", rejected=unicodedata.normalize("NFD", "A café crème.")
+        ),
         "zero_width_identical_pair": _row(kind, chosen="It is red.", rejected="It is\u200b red\u200d.\ufeff"),
         "bidi_marks_identical_pair": _row(kind, chosen="It is red.", rejected="\u200fIt is\u2060 red.\u202c"),
         "invisible_question": _row(kind, question="\u200b\u200d \ufeff\u2060"),
