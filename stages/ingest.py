@@ -30,8 +30,16 @@ Hostile input is a quarantined row with a `kind: details` reason, never a failed
   through a symlink) are refused;
 - a NUL character in a text field quarantines the row; other control characters (ESC, form feed, ...,
   but not tab and newlines) are removed;
-- chosen and rejected answers that are identical after whitespace normalisation are not a preference
-  pair.
+- text is NFC-normalised and invisible format characters (zero-width, bidi, BOM, soft hyphen, tags) are
+  removed, but joiners between visible characters and a flag's tags; what changed is counted in
+  meta["_ingest"]; emptiness, `max_text_chars` and the next rule see the cleaned text;
+- chosen and rejected answers that are identical after that and whitespace normalisation are not a preference
+  pair;
+- `<image>` at the start or end of a question is the LLaVA convention's image marker and is dropped; any other
+  special token's text is kept, and tokenised as text by the model helpers (stages.vlm);
+- every planned row carries a digest of what was read; a worker that reads another row (the source changed
+  after planning) stops the run;
+- Parquet parts with different extra columns are read as the union of their columns.
 """
 
 from __future__ import annotations
