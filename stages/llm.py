@@ -19,6 +19,7 @@ from pydantic import Field
 
 from pipeline.errors import PipelineError, RowError
 from pipeline.stage import StrictModel
+from stages.common import TEXT_SLOT, UnencodableText, around_slot, special_strings, text_ids
 
 
 class LlmConfig(StrictModel):
@@ -44,6 +45,29 @@ def load_template(prompt: str, key: str) -> str:
         return bundled.read_text(encoding="utf-8")
     names = sorted(t.name for t in resources.files("prompts").iterdir() if t.name.endswith(".txt"))
     raise PipelineError(f"{key}: template not found: {prompt} (not a file; bundled templates: {', '.join(names)})")
+
+
+def chat_ids(tokenizer: Any, prompt: str, label: str) -> dict[str, Any]:
+    """The user turn `prompt`, rendered by the chat template and tokenised. Data in the prompt (a question, an
+    answer) that holds a special token's string (`<|im_end|>`) is tokenised as text, so it cannot end the turn or
+    open another one; other prompts take the template's own path, token for token."""
+    import torch
+
+    messages = [{"role": "user", "content": prompt}]
+    if not any(s in prompt for s in special_strings(tokenizer)):
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": TEXT_SLOT}], add_generation_prompt=True, tokenize=False
+    )
+    try:
+        before, after = around_slot(rendered, "prompt")
+        ids = tokenizer(before, add_special_tokens=False)["input_ids"] + text_ids(tokenizer, prompt, "prompt")
+    except UnencodableText as err:
+        raise RowError(f"{label}: {err}") from None
+    ids += tokenizer(after, add_special_tokens=False)["input_ids"]
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)), dtype=torch.long)}
 
 
 class _Transient(Exception):
@@ -88,9 +112,7 @@ class LlmClient:
                 raise RowError(f"{self.label}: endpoint reply is not a chat completion: {str(reply)[:80]!r}") from None
         import torch
 
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        ids = chat_ids(self.tokenizer, prompt, self.label)
         with torch.inference_mode():
             out = self.model.generate(**ids, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
