@@ -218,27 +218,139 @@ def answer_spans(examples: list[Example]) -> Any:
 
 def answer_logps(logits: Any, input_ids: Any, spans: Any, with_entropy: bool = False) -> tuple[Any, Any]:
     """Summed log-prob of each example's answer tokens (differentiable), and optionally the entropy of
-    the next-token distribution at each answer position (a list of 1-d tensors)."""
+    the next-token distribution at each answer position (a list of 1-d tensors).
+
+    The float32 log-softmax runs over `ANSWER_CHUNK` positions at a time, so without gradients its temporaries
+    stay bounded however long the answer. Log-softmax is per position and the per-position values are joined
+    before they are summed, so the results, and the log-probs' gradients, are the same bits as in one piece
+    (with gradients, autograd keeps every chunk's log-softmax for the backward pass, as it kept the whole)."""
     import torch
 
     logps, entropies = [], []
     for i, (start, end) in enumerate(spans.tolist()):
         # Position t predicts token t + 1: answer tokens [start, end) are predicted at [start-1, end-1).
-        lp = torch.log_softmax(logits[i, start - 1 : end - 1].float(), dim=-1)
-        logps.append(lp.gather(-1, input_ids[i, start:end, None]).sum())
+        parts = [
+            _token_scores(logits[i, s:e], input_ids[i, s + 1 : e + 1], with_entropy)
+            for s, e in _chunks(start - 1, end - 1, ANSWER_CHUNK)
+        ]
+        logps.append(torch.cat([lp for lp, _ in parts]).sum())
         if with_entropy:
-            entropies.append(-(lp.exp() * lp).sum(-1))
+            entropies.append(torch.cat([h for _, h in parts]))
     return torch.stack(logps), entropies
 
 
-def answer_scores(model: Any, examples: list[Example], batch: dict[str, Any]) -> dict[str, Any]:
+def answer_scores(
+    model: Any, examples: list[Example], batch: dict[str, Any], chunk: int | None = None
+) -> dict[str, Any]:
     """Per example: summed answer log-prob, and the mean / summed entropy of the next-token
-    distribution over the answer positions (full vocabulary). Returns float64 numpy arrays."""
+    distribution over the answer positions (full vocabulary). Returns float64 numpy arrays.
+
+    For scoring without gradients (the score stage, under `torch.inference_mode`). Memory does not grow with
+    answer length x vocabulary: where the model is a decoder with a plain output head (`_decoder_and_head`),
+    only the decoder runs over the whole batch, and the head then makes logits for `chunk` (default
+    `ANSWER_CHUNK`) answer positions at a time, each chunk log-softmaxed in float32 and reduced to its answer
+    tokens' log-probs and entropies before the next. A right-padded batch goes to such a decoder without its
+    attention mask (`_unpadded`). Any other model runs its full forward, with the log-softmax chunked. The sums
+    are those of `answer_logps` over the full logits, on the same per-position values."""
     import torch
 
-    logp, entropies = answer_logps(model(**batch).logits, batch["input_ids"], answer_spans(examples), True)
+    chunk = chunk or ANSWER_CHUNK
+    split = _decoder_and_head(model)
+    if split is None:
+        states, head = model(**batch).logits, None
+    else:
+        decoder, head = split
+        states = decoder(**_unpadded(batch), use_cache=False)[0]  # last hidden state, (B, L, hidden)
+    input_ids = batch["input_ids"]
+    logp, entropy_mean, entropy_sum = [], [], []
+    for i, (start, end) in enumerate(answer_spans(examples).tolist()):
+        lps, entropies = [], []
+        # Position t predicts token t + 1: answer tokens [start, end) are predicted at [start-1, end-1).
+        for s, e in _chunks(start - 1, end - 1, chunk):
+            logits = states[i, s:e] if head is None else head(states[i, s:e])
+            lp, entropy = _token_scores(logits, input_ids[i, s + 1 : e + 1], True)
+            lps.append(lp)
+            entropies.append(entropy)
+        entropy = torch.cat(entropies)
+        logp.append(torch.cat(lps).sum())
+        entropy_mean.append(entropy.mean())
+        entropy_sum.append(entropy.sum())
     return {
-        "logp": logp.detach().double().cpu().numpy(),
-        "entropy_mean": torch.stack([e.mean() for e in entropies]).detach().double().cpu().numpy(),
-        "entropy_sum": torch.stack([e.sum() for e in entropies]).detach().double().cpu().numpy(),
+        "logp": torch.stack(logp).detach().double().cpu().numpy(),
+        "entropy_mean": torch.stack(entropy_mean).detach().double().cpu().numpy(),
+        "entropy_sum": torch.stack(entropy_sum).detach().double().cpu().numpy(),
     }
+
+
+# Answer positions log-softmaxed at a time (and, in `answer_scores`, given to the output head at a time): beyond the
+# model's activations, scoring holds a few float32 tensors of this many positions x the vocabulary (512 x 32k,
+# LLaVA-1.5's vocabulary: 66 MB each; x 152k, Qwen2-VL's: 311 MB), whatever the answer's length.
+ANSWER_CHUNK = 512
+
+# Image-text-to-text classes whose forward is `logits = self.lm_head(self.model(...)[0])`, nothing applied after
+# the head (no logit scaling, no soft-capping), over a causal language model (read in their modeling files,
+# transformers 5.24). `answer_scores` runs their `model` and `lm_head` apart; any other class (PaliGemma soft-caps
+# its logits, Gemma 3 attends both ways over image tokens, a wrapped or compiled model) runs its full forward.
+_DECODER_HEAD_CLASSES = frozenset(
+    {
+        "LlavaForConditionalGeneration",
+        "LlavaNextForConditionalGeneration",
+        "LlavaNextVideoForConditionalGeneration",
+        "LlavaOnevisionForConditionalGeneration",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
+        "Idefics2ForConditionalGeneration",
+        "Idefics3ForConditionalGeneration",
+        "SmolVLMForConditionalGeneration",
+    }
+)
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder returning the last hidden state, output head) when the model's logits are exactly
+    `head(decoder(...)[0])`; None when they may not be (then the caller runs the full forward)."""
+    import torch
+
+    if type(model).__name__ not in _DECODER_HEAD_CLASSES:
+        return None
+    decoder, head = getattr(model, "model", None), model.get_output_embeddings()
+    text_config = model.config.get_text_config()
+    if decoder is None or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(getattr(text_config, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
+        return None  # a checkpoint asking for a transform of its logits: leave it to the model's own forward
+    return decoder, head
+
+
+def _unpadded(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its attention mask when the mask only marks right padding (as `collate` pads): in a
+    causal decoder no real token attends to a later position, so the padding is invisible to them either way.
+    With a mask, attention over a padded batch materialises a (batch, 1, L, L) boolean mask, which torch's CPU
+    attention turns into float: 5 bytes x B x L^2 (6 GB for three sequences when one is 20,000 tokens long);
+    without it, causal attention is computed blockwise in memory linear in L. On the CPU the real tokens'
+    outputs are the same bits either way (checked for LLaVA and Qwen2-VL, fp32 and bf16)."""
+    import torch
+
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch
+    lengths = mask.sum(-1, keepdim=True)
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[-1], device=mask.device) < lengths):
+        return batch  # not plain right padding: keep the mask
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
+def _chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) in consecutive pieces of at most `size` positions (an empty span: one empty piece)."""
+    return [(s, min(s + size, end)) for s in range(start, end, size)] or [(start, end)]
+
+
+def _token_scores(logits: Any, targets: Any, with_entropy: bool) -> tuple[Any, Any]:
+    """For positions' logits (n, V) and the tokens they predict (n,): each token's log-prob (n, 1), and the
+    entropy of each position's distribution (n,) or None. float32 whatever the logits' dtype."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(lp.exp() * lp).sum(-1) if with_entropy else None
+    return lp.gather(-1, targets[:, None]), entropy

@@ -93,6 +93,46 @@ def test_reference_logps_equal_online_computation(arch: str, request: pytest.Fix
     assert [r["difficulty"] for r in nll] == pytest.approx([-r["ref_logp_chosen"] for r in out], abs=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_chunked_scores_equal_full_logits(arch: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """`answer_scores` runs the decoder, then the head over a few answer positions at a time, on a right-padded
+    batch without its mask: the same log-probs and entropies as the full forward's logits, log-softmaxed whole.
+    Answers of 5-42 tokens in chunks of 3: each spans several chunks, most end in a partial one."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from stages import vlm
+
+    path = request.getfixturevalue(arch)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    rows = _rows().to_pylist()
+    examples = [
+        vlm.build_example(processor, _rgb(r["image"]), r["question"], r[answer])
+        for r in rows
+        for answer in ("chosen", "rejected")
+    ]
+    batch = vlm.collate(examples, processor.tokenizer.pad_token_id, "cpu", torch.float32)
+    assert len({len(e.input_ids) for e in examples}) > 1  # padded
+    assert vlm._decoder_and_head(model) is not None  # the decoder + chunked head path, not the full forward
+    with torch.inference_mode():
+        logits = model(**batch).logits
+        got = vlm.answer_scores(model, examples, batch, chunk=3)
+        monkeypatch.setattr(vlm, "_DECODER_HEAD_CLASSES", frozenset())
+        fallback = vlm.answer_scores(model, examples, batch, chunk=3)  # full forward, log-softmax in chunks
+    want: dict[str, list[float]] = {"logp": [], "entropy_mean": [], "entropy_sum": []}
+    for i, (start, end) in enumerate(vlm.answer_spans(examples).tolist()):
+        assert end - start > 3
+        lp = torch.log_softmax(logits[i, start - 1 : end - 1].float(), dim=-1)
+        entropy = -(lp.exp() * lp).sum(-1)
+        want["logp"].append(float(lp.gather(-1, batch["input_ids"][i, start:end, None]).sum()))
+        want["entropy_mean"].append(float(entropy.mean()))
+        want["entropy_sum"].append(float(entropy.sum()))
+    for key, values in want.items():
+        assert got[key].tolist() == pytest.approx(values, abs=1e-5), key
+        assert fallback[key].tolist() == pytest.approx(values, abs=1e-5), key
+
+
 def test_buckets_are_thirds_by_rank_with_ties_broken_by_id():
     ids = [f"s{i:02d}" for i in range(12)]
     difficulty = [5, 1, 3, 3, 3, 9, 0, 2, 7, 3, 8, 6]
