@@ -31,7 +31,7 @@ from pipeline.images import ImageLimits, decode_rgb, validate_image
 from pipeline.stage import StrictModel, describe_value
 from pipeline.storage import write_json, write_text
 from stages.llm import LlmClient, LlmConfig, load_template
-from stages.vlm import prompt_messages
+from stages.vlm import build_prompt, collate
 
 log = logging.getLogger("mfpo")
 _RATING = re.compile(r"rating\s*[:=]\s*([0-6])\b", re.IGNORECASE)
@@ -171,12 +171,9 @@ def generate_answers(
         with torch.inference_mode():
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                texts = [
-                    processor.apply_chat_template(prompt_messages(q, system_prompt), add_generation_prompt=True)
-                    for _, q in chunk
-                ]
-                inputs = processor(images=[img for img, _ in chunk], text=texts, padding=True, return_tensors="pt")
-                inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+                # The prompts the score stage and the trainer build (a question's `<image>` is text), left-padded.
+                prompts = [build_prompt(processor, img, q, system_prompt) for img, q in chunk]
+                inputs = collate(prompts, tok.pad_token_id, device, dtype, left=True)
                 out = net.generate(
                     **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
                 )

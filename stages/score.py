@@ -29,11 +29,10 @@ from pipeline.errors import first_line
 from pipeline.images import decode_rgb
 from pipeline.registry import register
 from pipeline.stage import BatchResult, Rejection, Stage, StageConfig
-from stages.common import ModelConfig, loading, select_device, select_dtype
+from stages.common import ModelConfig, UnencodableText, loading, select_device, select_dtype
 from stages.vlm import (
     REFERENCE_KEY,
     Example,
-    UnencodableText,
     answer_scores,
     build_prompt,
     collate,

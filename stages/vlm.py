@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import ModelConfig
+from stages.common import TEXT_SLOT, ModelConfig, around_slot, special_strings, text_ids
 
 # Parquet schema metadata key under which the score stage records what its reference log-probs were
 # computed with; the write stage carries it into the final dataset, and the trainer checks it.
@@ -102,45 +102,10 @@ def prompt_messages(question: str, system: str | None = None) -> list[dict[str, 
     return messages
 
 
-class UnencodableText(ValueError):
-    """A question or answer that cannot be given to the model as text (the score stage quarantines its row)."""
-
-
-# Where the question goes while the chat template is rendered, for a question that holds a special token's text:
-# private-use characters, which no template or tokenizer gives a meaning.
-_QUESTION_SLOT = "\ue000question\ue001"
-
-
-def special_strings(processor: Any) -> tuple[str, ...]:
-    """The texts the tokenizer or processor would read as special tokens (`<image>`, `<|im_end|>`, ...):
-    in a question or answer they are data, tokenised as the characters they are."""
-    cached = getattr(processor, "_mfpo_special_strings", None)
-    if cached is None:
-        tok = processor.tokenizer
-        found = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
-        for attr in ("image_token", "video_token", "audio_token", "boi_token", "eoi_token", "fake_image_token"):
-            value = getattr(processor, attr, None)
-            if isinstance(value, str):
-                found.add(value)
-        cached = tuple(sorted((s for s in found if s), key=len, reverse=True))
-        processor._mfpo_special_strings = cached
-    return cached
-
-
-def _text_ids(processor: Any, text: str, what: str) -> list[int]:
-    """Token ids of `text` as plain text: special tokens' strings split into ordinary tokens."""
-    tokenizer = processor.tokenizer
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    special = set(tokenizer.all_special_ids)
-    if any(i in special for i in ids):  # a tokenizer that cannot split them: never pass one through as markup
-        raise UnencodableText(f"{what}: the tokenizer reads part of it as a special token")
-    return ids
-
-
 def build_prompt(processor: Any, image: np.ndarray, question: str, system: str | None = None) -> Example:
     """The prompt part of a sequence (image tokens and question), ready for `with_answer`. A question holding
     a special token's text (a literal `<image>`) is tokenised around the template: that text stays text."""
-    if any(s in question for s in special_strings(processor)):
+    if any(s in question for s in special_strings(processor.tokenizer, processor)):
         return _build_prompt_escaped(processor, image, question, system)
     prompt = processor.apply_chat_template(prompt_messages(question, system), add_generation_prompt=True)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
@@ -148,13 +113,11 @@ def build_prompt(processor: Any, image: np.ndarray, question: str, system: str |
 
 
 def _build_prompt_escaped(processor: Any, image: np.ndarray, question: str, system: str | None) -> Example:
-    rendered = processor.apply_chat_template(prompt_messages(_QUESTION_SLOT, system), add_generation_prompt=True)
-    before, found, after = rendered.partition(_QUESTION_SLOT)
-    if not found or _QUESTION_SLOT in after:
-        raise UnencodableText("question: the chat template does not place the question as given")
+    rendered = processor.apply_chat_template(prompt_messages(TEXT_SLOT, system), add_generation_prompt=True)
+    before, after = around_slot(rendered, "question")
     inputs = processor(images=[image], text=[before], return_tensors="pt")  # the image's tokens, expanded
     rest = processor.tokenizer(after, add_special_tokens=False)["input_ids"]
-    return _prompt_example(inputs, _text_ids(processor, question, "question") + rest)
+    return _prompt_example(inputs, text_ids(processor.tokenizer, question, "question") + rest)
 
 
 def _prompt_example(inputs: Any, more_ids: list[int]) -> Example:
@@ -176,7 +139,7 @@ def with_answer(processor: Any, prompt: Example, answer: str) -> Example:
     """The prompt followed by the answer's own tokens (as text: a literal `<image>` is characters, not the
     image token) and the end-of-turn token."""
     tokenizer = processor.tokenizer
-    answer_ids = _text_ids(processor, answer, "answer")
+    answer_ids = text_ids(tokenizer, answer, "answer")
     if tokenizer.eos_token_id is not None:
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
     return Example(prompt.input_ids + answer_ids, len(prompt.input_ids), prompt.extra, prompt.token_keys)
@@ -186,23 +149,25 @@ def build_example(processor: Any, image: np.ndarray, question: str, answer: str,
     return with_answer(processor, build_prompt(processor, image, question, system), answer)
 
 
-def collate(examples: list[Example], pad_id: int, device: Any, dtype: Any) -> dict[str, Any]:
-    """Right-padded batch; per-example image tensors are concatenated along their first dimension,
-    which fits LLaVA (one image each), LLaVA-NeXT, Qwen2-VL (patches + grid) and Idefics3 alike."""
+def collate(examples: list[Example], pad_id: int, device: Any, dtype: Any, left: bool = False) -> dict[str, Any]:
+    """Right-padded batch (`left`: left-padded, for generation to continue every sequence from its last token);
+    per-example image tensors are concatenated along their first dimension, which fits LLaVA (one image each),
+    LLaVA-NeXT, Qwen2-VL (patches + grid) and Idefics3 alike."""
     import torch
 
     length = max(len(e.input_ids) for e in examples)
+    starts = [length - len(e.input_ids) if left else 0 for e in examples]
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for i, e in enumerate(examples):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[i, : len(e.input_ids)] = 1
+        ids[i, starts[i] : starts[i] + len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, starts[i] : starts[i] + len(e.input_ids)] = 1
     batch: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     for key in examples[0].extra:
         if key in examples[0].token_keys:  # per-token values: answer and padding positions are text (0)
             value = torch.zeros((len(examples), length), dtype=examples[0].extra[key].dtype)
             for i, e in enumerate(examples):
-                value[i, : e.extra[key].shape[1]] = e.extra[key][0]
+                value[i, starts[i] : starts[i] + e.extra[key].shape[1]] = e.extra[key][0]
         else:
             value = torch.cat([e.extra[key] for e in examples], dim=0)
         batch[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)

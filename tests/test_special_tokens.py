@@ -131,3 +131,27 @@ def test_a_text_models_prompt_keeps_data_special_tokens_as_text(tmp_path: Path):
     turn_marks = [tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")]
     assert [i for i in ids if i in turn_marks] == [i for i in expected["input_ids"] if i in turn_marks]
     assert hostile in tok.decode(ids)
+
+
+def test_eval_generation_takes_the_same_prompts_left_padded(model: Path):
+    """Generation builds its prompts as scoring does: an ordinary batch generates what the processor's own
+    left-padded batch generates, and a question holding `<image>` is answered instead of failing the eval."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mfpo_eval.generate import generate_answers
+    from stages.vlm import prompt_messages
+
+    net = AutoModelForImageTextToText.from_pretrained(model).eval()
+    processor = AutoProcessor.from_pretrained(model)
+    items = [(_image(0), "What is it?"), (_image(1), "What colour is the disc in the middle?")]
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    texts = [processor.apply_chat_template(prompt_messages(q), add_generation_prompt=True) for _, q in items]
+    inputs = processor(images=[img for img, _ in items], text=texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = net.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = [a.strip() for a in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+    tok.padding_side = "right"
+    assert generate_answers(net, processor, "cpu", items, 6, 2, None) == expected
+    hostile = [*items, (_image(2), "Is <image> written on it?")]
+    assert len(generate_answers(net, processor, "cpu", hostile, 6, 3, None)) == 3
