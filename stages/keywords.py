@@ -1,17 +1,22 @@
-"""keywords: ranked key objects of each sample, from the question and/or the chosen answer.
+"""keywords: ranked key objects of each sample, from the question and both answers.
 
 Backends:
-- `lexicon` (default, no weights): object mentions are found by longest match against the project's
-  object vocabulary (`stages/data/object_lexicon.json`: LVIS v1 + COCO category names, synonyms and
-  plurals), then ranked by a graph ranking in the spirit of the paper's multipartite keyphrase ranking:
-  one node per object category, edges between categories mentioned in the same text weighted by
-  1/token distance, and PageRank personalised by where and how early each category is mentioned.
-- `spacy`: noun chunks of an installed spaCy pipeline as candidates, ranked the same way.
+- `lexicon` (default, no weights). `ranking.method: pair` (default): the noun phrases of the question, the
+  chosen and the rejected answer (any noun, known to the lexicon or not: stages.key_objects), ranked by what
+  the answers disagree about, the question's focus and the chosen answer's subject, with the weights in
+  `ranking.pair`. `ranking.method: graph`: object mentions found by longest match against the project's object
+  vocabulary (`stages/data/object_lexicon.json`: LVIS v1 + COCO category names, synonyms and plurals), ranked by
+  a graph ranking in the spirit of the paper's multipartite keyphrase ranking: one node per object category,
+  edges between categories mentioned in the same text weighted by 1/token distance, and PageRank personalised
+  by where and how early each category is mentioned (reads the question and the chosen answer only, `text`).
+- `spacy`: noun chunks of an installed spaCy pipeline as candidates, ranked by the graph ranking.
 - `llm`: a prompt from `prompts/` sent to an OpenAI-compatible endpoint or a local Hugging Face causal
   LM; the reply must be a JSON list of phrases, anything else quarantines the row.
 
-Output: `key_phrases` (best first, at most `top_k`) and `key_phrase_scores` (summing to 1 over all
-candidates). A row with no object mention gets empty lists; `perturb` then takes its fallback path.
+Output: `key_phrases` (best first, at most `top_k`), `key_phrase_scores` (summing to 1 over all candidates)
+and `key_phrase_sources` (per phrase, what it scored by: `question`, `contrast`, `answer`, joined by `+`; the
+graph ranking and the llm backend record `graph` and `llm`). A row with no object mention gets empty lists;
+`perturb` then takes its fallback path.
 """
 
 from __future__ import annotations
@@ -32,13 +37,27 @@ from pipeline.errors import PipelineError, RowError
 from pipeline.registry import register
 from pipeline.stage import RowStage, StageConfig, StrictModel
 from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_model_dir, missing_package, require
+from stages.key_objects import Weights, rank_pair
 from stages.llm import LlmClient, LlmConfig, load_template
 
 LEXICON_PATH = Path(str(resources.files("stages") / "data" / "object_lexicon.json"))  # package data
 _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
 
+class PairWeightsConfig(StrictModel):
+    """How much each kind of evidence counts in the `pair` ranking (stages.key_objects.Weights)."""
+
+    question: float = Field(4.0, description="The question's focus.")
+    contrast: float = Field(3.0, description="Named by the chosen answer, not the rejected one (or described apart).")
+    rejected_only: float = Field(0.5, description="Named only by the rejected answer.")
+    answer: float = Field(2.0, description="The chosen answer's first phrase; the k-th scores answer / k.")
+    mention: float = Field(1.0, description="Named by the question, not as its reference.")
+    reference: float = Field(-2.0, description="The question's reference, when its object is in the answer.")
+
+
 class RankingConfig(StrictModel):
+    method: Literal["pair", "graph"] = Field("pair", description="pair: the whole preference pair; graph: PageRank.")
+    pair: PairWeightsConfig = Field(default_factory=PairWeightsConfig)
     damping: float = Field(0.85, gt=0, lt=1, description="PageRank damping factor.")
     position_weight: float = Field(1.0, ge=0, description="Boost for early mentions: w / (1 + token index).")
     # The paper ranks the chosen answer's keyphrases; the question names the object too, but often
@@ -183,8 +202,9 @@ def parse_phrase_list(reply: str) -> list[str]:
 class Keywords(RowStage):
     name: ClassVar[str] = "keywords"
     Config = KeywordsConfig
-    inputs: ClassVar[tuple[str, ...]] = ("question", "chosen")
-    outputs: ClassVar[tuple[str, ...]] = ("key_phrases", "key_phrase_scores")
+    version: ClassVar[int] = 2  # 2: the pair ranking (default), open-vocabulary phrases, key_phrase_sources
+    inputs: ClassVar[tuple[str, ...]] = ("question", "chosen", "rejected")
+    outputs: ClassVar[tuple[str, ...]] = ("key_phrases", "key_phrase_scores", "key_phrase_sources")
     config: KeywordsConfig
 
     def check(self) -> list[str]:
@@ -200,6 +220,8 @@ class Keywords(RowStage):
         if cfg.backend == "lexicon":
             lex = cfg.lexicon
             self.table = load_lexicon(lex.path or str(LEXICON_PATH), tuple(lex.extra_terms), tuple(lex.ignore))
+            self.multiword = frozenset(k for k in self.table if len(k) > 1)  # "hot dog" is one noun
+            self.weights = Weights(**cfg.ranking.pair.model_dump())
         elif cfg.backend == "spacy":
             spacy = require("spacy", "'mfpo-pipeline[spacy]' and a pipeline, e.g. pip install en_core_web_sm")
             try:
@@ -222,7 +244,12 @@ class Keywords(RowStage):
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         return pa.schema(
-            [("sample_id", pa.string()), ("key_phrases", STRINGS_TYPE), ("key_phrase_scores", FLOATS_TYPE)]
+            [
+                ("sample_id", pa.string()),
+                ("key_phrases", STRINGS_TYPE),
+                ("key_phrase_scores", FLOATS_TYPE),
+                ("key_phrase_sources", STRINGS_TYPE),
+            ]
         )
 
     def texts(self, row: dict[str, Any]) -> list[str]:
@@ -234,7 +261,16 @@ class Keywords(RowStage):
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         texts = self.texts(row)
-        if self.config.backend == "llm":
+        sources: list[str] | None = None
+        if self.config.backend == "lexicon" and self.config.ranking.method == "pair":
+            ranked_pair = rank_pair(row["question"], row["chosen"], row["rejected"], self.weights, self.multiword)
+            positive = sum(max(r.score, 0.0) for r in ranked_pair)
+            ranked = [
+                (r.phrase, round(max(r.score, 0.0) / positive if positive else 1.0 / len(ranked_pair), 6))
+                for r in ranked_pair
+            ]
+            sources = ["+".join(r.sources) or "reference" for r in ranked_pair]
+        elif self.config.backend == "llm":
             reply = self.llm.complete(self.template.format(question=texts[0], answer=texts[1]))
             phrases = parse_phrase_list(reply)[: self.config.top_k]
             weights = [1.0 / (i + 1) for i in range(len(phrases))]
@@ -244,7 +280,12 @@ class Keywords(RowStage):
         else:
             ranked = rank(lexicon_mentions(texts, self.table), self.config.ranking)
         top = ranked[: self.config.top_k]
-        return {"key_phrases": [p for p, _ in top], "key_phrase_scores": [s for _, s in top]}
+        default = "llm" if self.config.backend == "llm" else "graph"
+        return {
+            "key_phrases": [p for p, _ in top],
+            "key_phrase_scores": [s for _, s in top],
+            "key_phrase_sources": (sources or [default] * len(top))[: len(top)],
+        }
 
     def _noun_chunks(self, texts: list[str]) -> list[Mention]:
         mentions = []

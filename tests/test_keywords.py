@@ -63,6 +63,7 @@ def test_finds_the_labelled_key_object(table):
             "sample_id": [str(i) for i in range(len(samples))],
             "question": [s["question"] for s in samples],
             "chosen": [s["chosen"] for s in samples],
+            "rejected": [s.get("rejected", "") for s in samples],
         }
     )
     out = stage.process_batch(rows).table.to_pylist()
@@ -101,10 +102,12 @@ def test_text_option_and_empty_rows():
             "sample_id": ["1", "2"],
             "question": ["What is the cat sitting on?", "Is it sunny?"],
             "chosen": ["The cat sits on a laptop.", "Yes, very."],
+            "rejected": ["The cat sits on a chair.", "No."],
         }
     )
-    q = build_stage("keywords", {"text": "question"}).process_batch(rows).table.to_pylist()
-    a = build_stage("keywords", {"text": "chosen"}).process_batch(rows).table.to_pylist()
+    graph = {"method": "graph"}  # `text` chooses what the graph ranking reads; the pair ranking reads all three
+    q = build_stage("keywords", {"text": "question", "ranking": graph}).process_batch(rows).table.to_pylist()
+    a = build_stage("keywords", {"text": "chosen", "ranking": graph}).process_batch(rows).table.to_pylist()
     assert "laptop" not in q[0]["key_phrases"] and "laptop" in a[0]["key_phrases"]
     assert q[1]["key_phrases"] == [] and q[1]["key_phrase_scores"] == []
 

@@ -17,6 +17,7 @@ ROWS = pa.table(
         "sample_id": ["1", "2"],
         "question": ["What is on the table?", "Who holds the kite?"],
         "chosen": ["A laptop.", "A small girl."],
+        "rejected": ["A tablet.", "A tall man."],
     }
 )
 

@@ -1,0 +1,495 @@
+"""Key objects of a preference pair, weight-free: noun phrases of the question and both answers, ranked by what
+the two answers disagree about, the question's focus, and the chosen answer's subject.
+
+Written by hand because no installable library does this without a downloaded model: spaCy and NLTK need a
+pipeline or corpus fetched at run time. `lemminflect` (its dictionary ships in the wheel) says which parts of
+speech a word can take and gives its singular; the rules below decide among them from the context.
+
+Noun phrases. A phrase is a run of modifiers and nouns closed by a determiner, a preposition, a verb, a
+conjunction or punctuation. Its head is the last noun, singular; the phrase passed on is the text's own compound
+("fire hydrant", "totem pole"), without determiners, numbers, colour, material or other adjectives, which are
+kept as the phrase's modifiers (they tell "a red car" from "a blue car"). A word that can be a noun or a verb
+is a verb when it agrees with the noun before it as its subject ("snow covers", "people line the street") or a
+determiner follows it. A colour or material word is an object only with a determiner of its own ("an orange"),
+never as a modifier ("orange spacesuit") or a predicate ("is orange"). Measure and collective nouns resolve to
+their complement ("a flock of birds" -> bird, "a blanket of snow" -> snow); "the X of Y" with an attribute X
+("the colour of the car") to Y. Position words (left, top, background) and generic words (picture, object,
+thing) are never phrases. Multi-word names the lexicon knows ("hot dog", "teddy bear") are one noun. Any noun is
+a candidate, known to the lexicon or not (Grounding DINO takes any phrase).
+
+The ranking (`rank_pair`), with its weights in `Weights`:
+- `contrast`: an object the chosen answer names and the rejected one does not, or names with other modifiers
+  (a colour, a material, a count); an object only the rejected answer names scores `rejected_only` (it is
+  likely not in the picture);
+- `question`: the question's focus: the phrase after "how many", the object of an attribute question ("what
+  colour is the car"), the part rather than its owner ("the dog's eyes"), the first phrase otherwise. When the
+  question asks for something it does not name ("what is on the counter", "what is the girl holding", "what
+  animal ...", "what is this"), its own phrases are the reference, demoted, and the focus is in the answer;
+- `answer`: the chosen answer's subject: its first phrases, decreasing with their order.
+Each phrase records which of these it scored by (`sources`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+
+# --------------------------------------------------------------------------------------------- word lists
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+
+# Closed classes: written out because they are small and fixed; everything open-class comes from lemminflect.
+DETERMINERS = _words(
+    "a an the this that these those some any each every several many few both either neither another other "
+    "no his her their its my your our whose such all most"
+)
+PREPOSITIONS = _words(
+    "on in at of with beside besides near under above behind by from into onto over between among across along "
+    "around against through toward towards inside outside underneath below beneath beyond atop upon within "
+    "without next to for like about during via past up down off out than as"
+)
+AUXILIARIES = _words(
+    "is are was were be been being am has have had do does did can could will would may might shall should must "
+    "'re 're"
+)
+WH_WORDS = _words("what which who whom whose where when why how")
+PRONOUNS = _words(
+    "it its they them he him she her we us i me you there here one ones itself themselves himself herself "
+    "this that something anything nothing someone everyone"
+)
+CONJUNCTIONS = _words("and or but nor so yet while whereas although because if then")
+ADVERBS = _words("very quite rather too also just only really slightly mostly partly fully almost not")
+NUMBERS = _words(
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen twenty thirty "
+    "dozen dozens hundred hundreds single double pair couple"
+)
+COLOURS = _words(
+    "red orange yellow green blue purple violet pink brown black white grey gray silver gold golden beige tan "
+    "cream ivory navy teal turquoise cyan magenta maroon crimson scarlet lime olive peach salmon coral lemon "
+    "cherry chocolate amber bronze copper lavender lilac mauve khaki charcoal burgundy rust mint emerald ruby "
+    "jade indigo aqua blond blonde dark light bright pale colorful colourful multicolored multicoloured"
+)
+MATERIALS = _words(
+    "wooden wood metal metallic steel iron stone glass plastic leather cotton wool woolen woollen silk paper "
+    "cardboard ceramic porcelain brick concrete marble granite rubber denim velvet straw wicker bamboo "
+    "aluminum aluminium tin clay canvas fur lace linen nylon"
+)
+POSITIONS = _words(
+    "left right top bottom side front back middle center centre foreground background corner edge rear upper "
+    "lower far near distance inside outside surface part half area portion end row"
+)
+GENERIC = _words(
+    "picture image photo photograph scene view shot frame object thing item stuff kind type sort lot lots "
+    "number way color colour shape size material pattern texture brand name detail details style feature "
+    "structure figure element something anything image's photo's"
+)
+# "the X of Y": X names a property of Y, so Y is the object.
+ATTRIBUTES = _words(
+    "color colour shape size material pattern texture brand name breed flavor flavour kind type sort style "
+    "number amount height length width weight age model make condition"
+)
+# "a X of Y": X measures or groups Y, so Y is the object (a container, "a cup of tea", is an object itself).
+COLLECTIVES = _words(
+    "pair couple flock herd pack school swarm group crowd bunch bouquet cluster slice piece chunk sea blanket "
+    "carpet sheet layer stack pile heap line set series lot lots variety array assortment collection handful "
+    "bundle team family dozen string mass cloud field forest wall range plate bowl cup glass tangle mound patch "
+    "strip clump sprinkle dusting splash swirl ring"
+) - {"plate", "bowl", "cup", "glass", "wall", "field", "forest", "line", "string"}
+# Collective nouns that are objects themselves unless an "of" follows: kept out of the set above on purpose.
+# Nouns whose plural is the object's name ("glasses" are not two glasses), and irregular plurals.
+PLURAL_NOUNS = _words(
+    "people men women children police cattle sheep deer fish clothes geese mice teeth glasses eyeglasses sunglasses "
+    "scissors pants trousers jeans shorts binoculars goggles tongs pliers headphones earphones pajamas overalls"
+)
+# "what X ...", "which X ...": X names a category, which the answer's object belongs to.
+CATEGORIES = _words(
+    "animal animals vehicle vehicles utensil utensils drink drinks beverage food foods fruit fruits vegetable "
+    "vegetables object objects item items thing things tool tools device devices appliance appliances furniture "
+    "instrument instruments toy toys plant plants sport sports game dish dishes meal clothing garment garments "
+    "accessory accessories building buildings structure structures creature creatures breed species kind type "
+    "sort brand animal's piece pieces equipment gadget machine container shape"
+)
+_TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*|'s\b|[^\sa-z0-9]")
+
+
+@lru_cache(maxsize=65536)
+def _pos(word: str) -> dict[str, tuple[str, ...]]:
+    """The parts of speech a word can take, with its lemmas (lemminflect's dictionary)."""
+    import lemminflect
+
+    return dict(lemminflect.getAllLemmas(word))
+
+
+def _singular(word: str) -> str:
+    if word in PLURAL_NOUNS - {"geese", "mice", "teeth", "men", "women", "children"}:
+        return word
+    lemmas = _pos(word).get("NOUN")
+    if lemmas:
+        return lemmas[0]
+    import lemminflect
+
+    oov = lemminflect.getAllLemmasOOV(word, "NOUN").get("NOUN")
+    return oov[0] if oov else word
+
+
+def _is_plural(word: str) -> bool:
+    return word in PLURAL_NOUNS or _singular(word) != word
+
+
+def _can_be(word: str, pos: str) -> bool:
+    return pos in _pos(word)
+
+
+def _is_unknown(word: str) -> bool:
+    """A word the dictionary does not know (sundial-like rarities, "space-suit"): taken as a noun."""
+    return not _pos(word) and word.replace("-", "").isalpha() and len(word) > 2
+
+
+# --------------------------------------------------------------------------------------------- phrases
+@dataclass
+class Phrase:
+    text: str  # what is passed on: the compound with a singular head ("fire hydrant")
+    head: str  # the head noun, singular
+    modifiers: set[str]  # adjectives, colours, materials, numbers; "the bus is red" too
+    position: int  # order among the text's phrases
+    owner: str | None = None  # "the dog's eyes": eye, owned by dog
+    has_determiner: bool = False
+
+
+@dataclass
+class _Chunk:
+    nouns: list[str] = field(default_factory=list)
+    modifiers: list[str] = field(default_factory=list)
+    determiner: bool = False
+    article: str = ""  # the determiner itself
+    plural: bool = False  # "two", "several", "these": the head is plural ("two totem poles")
+
+    def empty(self) -> bool:
+        return not self.nouns and not self.modifiers
+
+
+def noun_phrases(text: str, multiword: frozenset[tuple[str, ...]] = frozenset()) -> list[Phrase]:
+    """The text's noun phrases in order (see the module docstring for the rules)."""
+    tokens = _merge_multiword(_TOKEN.findall(text.lower().replace("\u2019", "'")), multiword)
+    phrases: list[Phrase] = []
+    chunk = _Chunk()
+    pending_owner: str | None = None  # the phrase before a possessive 's
+    pending_of: Phrase | None = None  # "X of": X waits for the phrase after "of"
+
+    def close() -> Phrase | None:
+        nonlocal chunk, pending_owner, pending_of
+        phrase = _phrase(chunk, len(phrases))
+        chunk = _Chunk()
+        if phrase is None:
+            return None
+        if pending_owner is not None:
+            phrase.owner, pending_owner = pending_owner, None
+        if pending_of is not None:  # "a flock of birds" -> bird; "the colour of the car" -> car
+            phrase.position, pending_of = pending_of.position, None
+        phrases.append(phrase)
+        return phrase
+
+    for i, tok in enumerate(tokens):
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if tok == "'s":
+            owner = close()
+            pending_owner = owner.head if owner else None
+            if owner is not None:
+                phrases.remove(owner)  # the owner comes back as the part's owner below
+                phrases.append(owner)
+            continue
+        if tok == "of":
+            last = close()
+            if last is not None and (last.head in COLLECTIVES or last.head in ATTRIBUTES):
+                phrases.remove(last)
+                pending_of = last
+            continue
+        if tok in DETERMINERS and not (tok in PRONOUNS and _boundary(nxt)):
+            close()
+            chunk.determiner, chunk.article = True, tok
+            chunk.plural = tok in PLURAL_DETERMINERS
+            continue
+        if tok in AUXILIARIES and chunk.nouns:
+            subject = close()  # "the bus is red": the predicate's adjectives describe the subject
+            j = i + 1
+            while subject is not None and j < len(tokens) and tokens[j] in ADVERBS:
+                j += 1
+            while subject is not None and j < len(tokens) and _predicate_adjective(tokens[j], tokens, j):
+                if tokens[j] not in ("and", ","):
+                    subject.modifiers.add(tokens[j])
+                j += 1
+            continue
+        if tok == "," and chunk.modifiers and not chunk.nouns:
+            continue  # "a small, silver teaspoon": the adjectives go on
+        if (
+            tok in PREPOSITIONS
+            or tok in AUXILIARIES
+            or tok in WH_WORDS
+            or tok in PRONOUNS
+            or tok in CONJUNCTIONS
+            or not tok[0].isalnum()
+        ):
+            close()
+            continue
+        if tok in ADVERBS:
+            if chunk.nouns:
+                close()
+            continue
+        if tok in NUMBERS or tok.isdigit():
+            if chunk.nouns:
+                close()
+            chunk.modifiers.append(tok)
+            chunk.plural = chunk.plural or tok not in ("one", "single", "1")
+            continue
+        is_noun = " " in tok or _can_be(tok, "NOUN") or _is_unknown(tok)
+        prev = tokens[i - 1] if i else ""
+        if is_noun and prev in WH_WORDS and _pos(tok).get("VERB", (tok,))[0] != tok and not chunk.nouns:
+            continue  # "what covers the ground": the question's verb
+        if tok in COLOURS or tok in MATERIALS:
+            # A modifier when a noun follows in the phrase; a noun only with its own determiner ("an orange").
+            if chunk.nouns:
+                close()
+            singular_article = chunk.article in ("a", "an", "one", "this", "that", "each", "every", "another")
+            if chunk.determiner and not chunk.modifiers and (_boundary(nxt) or (singular_article and _inflected(nxt))):
+                chunk.nouns.append(tok)  # "an orange", "an orange sits"
+            else:
+                chunk.modifiers.append(tok)
+            continue
+        # "a flock of birds flies": the verb agrees with the collective (singular), not with its complement
+        plural = _is_plural(chunk.nouns[-1]) and pending_of is None if chunk.nouns else False
+        if is_noun and chunk.nouns and not (chunk.plural and not plural) and _verb_after(plural, tok, nxt):
+            close()  # "snow covers the hillside": the subject's verb ends the phrase
+            continue
+        if is_noun and _verb_form(tok):  # "holding", "building", "painting": a noun only after a determiner
+            if chunk.determiner and not chunk.nouns:
+                (chunk.modifiers if _nounable(nxt) else chunk.nouns).append(tok)  # "a sleeping cat", "a building"
+            else:
+                close()
+            continue
+        if is_noun and _can_be(tok, "ADJ") and (not chunk.determiner or _nounable(nxt) or nxt == ","):
+            if chunk.nouns:
+                close()
+            chunk.modifiers.append(tok)  # "small", "round", "dark": adjectives, unless a determiner makes a noun
+            continue
+        if is_noun:
+            chunk.nouns.append(tok)
+            continue
+        if _can_be(tok, "ADJ") or (_verb_form(tok) and chunk.determiner and not chunk.nouns):
+            if chunk.nouns:
+                close()
+            chunk.modifiers.append(tok)  # "a tall lighthouse", "a sleeping cat"
+            continue
+        close()  # a verb or anything else ends the phrase
+    close()
+    return [p for p in phrases if p.head not in ATTRIBUTES]  # "what colour ...": no "of" came to resolve it
+
+
+PLURAL_DETERMINERS = _words("these those several many few both some all most")
+
+
+def _inflected(tok: str) -> bool:
+    """A third-person verb form ("sits", "covers")."""
+    lemmas = _pos(tok).get("VERB")
+    return bool(lemmas) and lemmas[0] != tok and tok.endswith("s")
+
+
+def _predicate_adjective(tok: str, tokens: list[str], j: int) -> bool:
+    """An adjective, colour, material or number after "is" ("is red", "are wooden", "is bright and round")."""
+    if tok in ("and", ","):
+        return j + 1 < len(tokens) and _predicate_adjective(tokens[j + 1], tokens, j + 1)
+    return tok in COLOURS or tok in MATERIALS or tok in NUMBERS or tok.isdigit() or (
+        _can_be(tok, "ADJ") and not _can_be(tok, "VERB")
+    )
+
+
+def _nounable(tok: str) -> bool:
+    return bool(tok) and tok[0].isalnum() and (" " in tok or _can_be(tok, "NOUN") or _is_unknown(tok))
+
+
+def _boundary(tok: str) -> bool:
+    return not tok or tok in PREPOSITIONS or tok in AUXILIARIES or tok in CONJUNCTIONS or not tok[0].isalnum()
+
+
+def _verb_form(word: str) -> bool:
+    """-ing / -ed forms a dictionary knows as inflected verbs ("riding", "topped"; not "bed")."""
+    if " " in word or not word.endswith(("ing", "ed")):
+        return False
+    lemmas = _pos(word).get("VERB")
+    return bool(lemmas) and lemmas[0] != word
+
+
+def _verb_after(subject_plural: bool, word: str, nxt: str) -> bool:
+    """Whether a noun-or-verb word after a noun is that noun's verb: it agrees with it in number, or a determiner
+    follows it. Otherwise it is a compound ("dog bed")."""
+    if " " in word or not _can_be(word, "VERB") or nxt in AUXILIARIES:  # "the dog beds are": the verb follows
+        return False
+    if nxt in DETERMINERS and nxt not in ("that", "this"):
+        return True
+    verb_lemma = _pos(word).get("VERB", (word,))[0]
+    third_person = word != verb_lemma and word.endswith("s")
+    if third_person and not subject_plural:
+        return True
+    return word == verb_lemma and subject_plural and not word.endswith("s") and _boundary_or_object(nxt)
+
+
+def _boundary_or_object(tok: str) -> bool:
+    return _boundary(tok) or tok in DETERMINERS or tok in ADVERBS or tok in PRONOUNS
+
+
+def _phrase(chunk: _Chunk, position: int) -> Phrase | None:
+    nouns = [n for n in chunk.nouns if _singular(n) not in POSITIONS | GENERIC]
+    last = _singular(chunk.nouns[-1]) if chunk.nouns else ""
+    if not chunk.nouns or last in POSITIONS or last in GENERIC:
+        if last in ATTRIBUTES | COLLECTIVES:
+            head = last  # kept only to be resolved by a following "of"
+            return Phrase(head, head, set(chunk.modifiers), position, has_determiner=chunk.determiner)
+        return None
+    *front, last = nouns
+    head = _singular(last) if " " not in last else last
+    text = " ".join([*front, head])
+    return Phrase(text, head, set(chunk.modifiers), position, has_determiner=chunk.determiner)
+
+
+def _merge_multiword(tokens: list[str], multiword: frozenset[tuple[str, ...]]) -> list[str]:
+    """Known multi-word names as one token ("hot dog", "teddy bear"), longest first; plurals too ("hot dogs")."""
+    if not multiword:
+        return tokens
+    longest = max(len(k) for k in multiword)
+    out, i = [], 0
+    while i < len(tokens):
+        for n in range(min(longest, len(tokens) - i), 1, -1):
+            words = tuple(tokens[i : i + n])
+            if words in multiword or (*words[:-1], _singular(words[-1])) in multiword:
+                out.append(" ".join((*words[:-1], _singular(words[-1]))))
+                i += n
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the question
+@dataclass
+class Focus:
+    phrase: str | None  # the question's own focus phrase, or None when it is in the answer
+    references: frozenset[str]  # the question's phrases that are only its reference (demoted)
+
+
+_ASKS_ELSEWHERE = re.compile(
+    r"^\s*(?:what|which|who)\s+(?:\w+\s+)?(?:is|are|was|were|'s)\s+(?:"
+    r"(?:on|in|at|under|above|behind|beside|near|inside|underneath|next|over|below|between|to|by|against|atop)\b"
+    r"|(?:\w+ing)\b)"
+)
+
+
+def question_focus(question: str, phrases: list[Phrase]) -> Focus:
+    """Where the question's object is: one of its phrases, or (None) the answer."""
+    q = question.lower().strip()
+    names = [p.text for p in phrases]
+    if not phrases:
+        return Focus(None, frozenset())
+    if re.match(r"^\s*how\s+many\b", q):
+        return Focus(phrases[0].text, frozenset())
+    wh = re.match(r"^\s*(?:what|which)\s+(\w+)", q)
+    if wh and wh.group(1) in ATTRIBUTES:  # "what colour is the car" -> car; "the dog's eyes" -> eye
+        return Focus(_part_first(phrases), frozenset())
+    asks_elsewhere = bool(_ASKS_ELSEWHERE.match(q)) or bool(re.match(r"^\s*what\s+is\s+(?:this|that|it)\b", q))
+    verb_of_subject = re.search(r"\b(?:is|are)\s+(?:the|a|an|this|that)?\s*\w+(?:\s+\w+)?\s+(\w+ing)\b", q)
+    if wh and wh.group(1) in CATEGORIES:  # "what animal ...": the answer's object belongs to the category
+        return Focus(None, frozenset(names))
+    if wh and _pos(wh.group(1)).get("NOUN") and wh.group(1) not in AUXILIARIES:
+        return Focus(_singular(wh.group(1)), frozenset(n for n in names if n != _singular(wh.group(1))))
+    if verb_of_subject and verb_of_subject.group(1) != "doing" and q.startswith(("what", "which")):
+        return Focus(None, frozenset(names))  # "what is the girl holding": the answer's object
+    if asks_elsewhere or q.startswith("who"):
+        return Focus(None, frozenset(names))
+    return Focus(_part_first(phrases), frozenset())
+
+
+def _part_first(phrases: list[Phrase]) -> str:
+    """The first phrase, but a part before its owner ("the dog's eyes" -> eye)."""
+    owned = [p for p in phrases if p.owner is not None]
+    return owned[0].text if owned and owned[0].position <= phrases[0].position + 1 else phrases[0].text
+
+
+# --------------------------------------------------------------------------------------------- the ranking
+@dataclass(frozen=True)
+class Weights:
+    """How much each kind of evidence counts (see the module docstring)."""
+
+    question: float = 4.0  # the question's focus
+    contrast: float = 3.0  # named by the chosen answer and not the rejected one, or with other modifiers
+    rejected_only: float = 0.5  # named only by the rejected answer
+    answer: float = 2.0  # the chosen answer's first phrase; the k-th scores answer / k
+    mention: float = 1.0  # named by the question (not as its reference)
+    reference: float = -2.0  # the question's reference when its object is in the answer
+
+
+@dataclass
+class Ranked:
+    phrase: str
+    score: float
+    sources: list[str]
+
+
+def rank_pair(
+    question: str, chosen: str, rejected: str, weights: Weights = Weights(), multiword: frozenset = frozenset()
+) -> list[Ranked]:
+    """The pair's candidate objects, best first (ties: first mention, then alphabetical)."""
+    q_phrases = noun_phrases(question, multiword)
+    c_phrases = noun_phrases(chosen, multiword)
+    r_phrases = noun_phrases(rejected, multiword)
+    focus = question_focus(question, q_phrases)
+    scores: dict[str, float] = {}
+    sources: dict[str, list[str]] = {}
+    order: dict[str, tuple[int, int]] = {}
+
+    def add(phrase: str, value: float, source: str, seen_at: tuple[int, int]) -> None:
+        scores[phrase] = scores.get(phrase, 0.0) + value
+        if value > 0 and source not in sources.setdefault(phrase, []):
+            sources[phrase].append(source)
+        order.setdefault(phrase, seen_at)
+
+    by_head_r = {p.head: p for p in r_phrases}
+    by_head_c = {p.head: p for p in c_phrases}
+    for p in q_phrases:
+        if p.text == focus.phrase:
+            add(p.text, weights.question, "question", (0, p.position))
+        elif p.text in focus.references:
+            add(p.text, weights.reference, "question", (0, p.position))
+        else:
+            add(p.text, weights.mention, "question", (0, p.position))
+    seen: set[str] = set()
+    answer_rank = 0
+    owners = {p.owner for p in c_phrases if p.owner}  # "an officer's cap": the cap is the object, not the officer
+    for p in c_phrases:
+        if p.text in seen:
+            continue
+        seen.add(p.text)
+        other = by_head_r.get(p.head)
+        # The question's reference is not in dispute, whichever answer repeats it.
+        if p.text not in focus.references and (other is None or _differs(p, other)):
+            add(p.text, weights.contrast, "contrast", (1, p.position))
+        if focus.phrase is not None and p.head == focus.phrase and p.text != focus.phrase:
+            add(p.text, weights.question, "question", (1, p.position))  # "which flag" -> "the american flag"
+        if p.text not in focus.references and p.head not in owners:
+            answer_rank += 1
+            add(p.text, weights.answer / answer_rank, "answer", (1, p.position))
+        else:
+            add(p.text, 0.0, "answer", (1, p.position))
+    for p in r_phrases:
+        if p.head not in by_head_c and p.text not in scores:
+            add(p.text, weights.rejected_only, "contrast", (2, p.position))
+    ranked = [Ranked(ph, s, sources.get(ph, [])) for ph, s in scores.items()]
+    ranked.sort(key=lambda r: (-r.score, order[r.phrase], r.phrase))
+    return ranked
+
+
+def _differs(a: Phrase, b: Phrase) -> bool:
+    """Two mentions of one object that the answers describe apart: another colour, material, count or size."""
+    return a.modifiers != b.modifiers and bool(a.modifiers | b.modifiers)
