@@ -85,7 +85,7 @@ POSITIONS = _words(
 GENERIC = _words(
     "picture image photo photograph scene view shot frame object thing item stuff kind type sort lot lots "
     "number way color colour shape size material pattern texture brand name detail details style feature "
-    "structure figure element something anything image's photo's"
+    "structure figure element something anything image's photo's subject focus"
 )
 # "the X of Y": X names a property of Y, so Y is the object.
 ATTRIBUTES = _words(
@@ -97,9 +97,16 @@ COLLECTIVES = _words(
     "pair couple flock herd pack school swarm group crowd bunch bouquet cluster slice piece chunk sea blanket "
     "carpet sheet layer stack pile heap line set series lot lots variety array assortment collection handful "
     "bundle team family dozen string mass cloud field forest wall range plate bowl cup glass tangle mound patch "
-    "strip clump sprinkle dusting splash swirl ring"
-) - {"plate", "bowl", "cup", "glass", "wall", "field", "forest", "line", "string"}
-# Collective nouns that are objects themselves unless an "of" follows: kept out of the set above on purpose.
+    "strip clump sprinkle dusting splash swirl ring wedge square scoop bar loaf sprig stick dollop pat drop "
+    "sliver"
+) - {"plate", "bowl", "cup", "glass", "wall", "field", "forest", "line"}
+# "a bowl of ramen", "the handle of a racket": what the container holds and what the part belongs to name the
+# object (their regions overlap); a container alone ("a bowl") is an object of its own.
+CONTAINERS = _words(
+    "bowl plate cup glass mug jar bottle box bag basket crate tray pot pan can carton tin vase bucket sack "
+    "packet pack case dish platter"
+)
+OBJECT_PARTS = _words("handle lid rim tip base stem blade screen cover leg spout strap sole cap knob")
 # Nouns whose plural is the object's name ("glasses" are not two glasses), and irregular plurals.
 PLURAL_NOUNS = _words(
     "people men women children police cattle sheep deer fish clothes geese mice teeth glasses eyeglasses sunglasses "
@@ -125,6 +132,9 @@ def _pos(word: str) -> dict[str, tuple[str, ...]]:
 
 
 def _singular(word: str) -> str:
+    if " " in word:  # "teddy bears" -> "teddy bear"
+        *front, last = word.split(" ")
+        return " ".join([*front, _singular(last)])
     if word in PLURAL_NOUNS - {"geese", "mice", "teeth", "men", "women", "children"}:
         return word
     lemmas = _pos(word).get("NOUN")
@@ -172,8 +182,11 @@ class _Chunk:
         return not self.nouns and not self.modifiers
 
 
-def noun_phrases(text: str, multiword: frozenset[tuple[str, ...]] = frozenset()) -> list[Phrase]:
-    """The text's noun phrases in order (see the module docstring for the rules)."""
+def noun_phrases(
+    text: str, multiword: frozenset[tuple[str, ...]] = frozenset(), objects: frozenset[str] = frozenset()
+) -> list[Phrase]:
+    """The text's noun phrases in order (see the module docstring for the rules). `multiword`: names of several
+    words read as one noun; `objects`: single-word object names (singular), which are nouns before verbs."""
     tokens = _merge_multiword(_TOKEN.findall(text.lower().replace("\u2019", "'")), multiword)
     phrases: list[Phrase] = []
     chunk = _Chunk()
@@ -193,8 +206,20 @@ def noun_phrases(text: str, multiword: frozenset[tuple[str, ...]] = frozenset())
         phrases.append(phrase)
         return phrase
 
+    finite = False  # the clause has its verb already: an ambiguous word after that is a noun ("wears rain boots")
     for i, tok in enumerate(tokens):
         nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+        prev = tokens[i - 1] if i else ""
+        if tok in CLAUSE_ENDS or tok in (".", ";", "!", "?", ":"):
+            finite = False
+        if tok in AUXILIARIES:
+            finite = True
+        if prev in SUBJECT_PRONOUNS and _can_be(tok, "VERB") and not chunk.nouns:
+            finite = True
+            continue  # "she stirs a pot": the pronoun's verb
+        if tok == "'s" and i and (tokens[i - 1] in WH_WORDS or tokens[i - 1] in PRONOUNS):
+            close()  # "what's", "it's", "there's": is
+            continue
         if tok == "'s":
             owner = close()
             pending_owner = owner.head if owner else None
@@ -204,7 +229,7 @@ def noun_phrases(text: str, multiword: frozenset[tuple[str, ...]] = frozenset())
             continue
         if tok == "of":
             last = close()
-            if last is not None and (last.head in COLLECTIVES or last.head in ATTRIBUTES):
+            if last is not None and (last.head in COLLECTIVES | ATTRIBUTES | CONTAINERS | OBJECT_PARTS):
                 phrases.remove(last)
                 pending_of = last
             continue
@@ -223,8 +248,8 @@ def noun_phrases(text: str, multiword: frozenset[tuple[str, ...]] = frozenset())
                     subject.modifiers.add(tokens[j])
                 j += 1
             continue
-        if tok == "," and chunk.modifiers and not chunk.nouns:
-            continue  # "a small, silver teaspoon": the adjectives go on
+        if tok in (",", "and") and chunk.modifiers and not chunk.nouns and _modifier_like(nxt):
+            continue  # "a small, silver teaspoon", "a red and gold blanket": the adjectives go on
         if (
             tok in PREPOSITIONS
             or tok in AUXILIARIES
@@ -245,8 +270,15 @@ def noun_phrases(text: str, multiword: frozenset[tuple[str, ...]] = frozenset())
             chunk.modifiers.append(tok)
             chunk.plural = chunk.plural or tok not in ("one", "single", "1")
             continue
+        if "-" in tok and " " not in tok and _hyphen_modifier(tok):
+            if chunk.nouns:
+                close()
+            chunk.modifiers.append(tok)  # "half-chopped", "heart-shaped", "needle-like", "rolled-up"
+            continue
         is_noun = " " in tok or _can_be(tok, "NOUN") or _is_unknown(tok)
-        prev = tokens[i - 1] if i else ""
+        if is_noun and chunk.nouns and _can_be(tok, "ADJ") and nxt in ("of", "with", "to", "enough", "for"):
+            close()  # "a vase full of daffodils": an adjective after its noun
+            continue
         if is_noun and prev in WH_WORDS and _pos(tok).get("VERB", (tok,))[0] != tok and not chunk.nouns:
             continue  # "what covers the ground": the question's verb
         if tok in COLOURS or tok in MATERIALS:
@@ -254,23 +286,31 @@ def noun_phrases(text: str, multiword: frozenset[tuple[str, ...]] = frozenset())
             if chunk.nouns:
                 close()
             singular_article = chunk.article in ("a", "an", "one", "this", "that", "each", "every", "another")
-            if chunk.determiner and not chunk.modifiers and (_boundary(nxt) or (singular_article and _inflected(nxt))):
+            after = tokens[i + 2] if i + 2 < len(tokens) else ""
+            ends = _boundary(nxt) and not (nxt in (",", "and") and _modifier_like(after))
+            if chunk.determiner and not chunk.modifiers and (ends or (singular_article and _inflected(nxt))):
                 chunk.nouns.append(tok)  # "an orange", "an orange sits"
             else:
                 chunk.modifiers.append(tok)
             continue
         # "a flock of birds flies": the verb agrees with the collective (singular), not with its complement
         plural = _is_plural(chunk.nouns[-1]) and pending_of is None if chunk.nouns else False
-        if is_noun and chunk.nouns and not (chunk.plural and not plural) and _verb_after(plural, tok, nxt):
+        # "rain boots": a known object's plural after a noun, in a clause that has its verb, is a compound's head
+        known = finite and _singular(tok) in objects and _singular(tok) != tok and nxt not in DETERMINERS
+        agrees = not (chunk.plural and not plural)
+        if is_noun and chunk.nouns and not known and agrees and _verb_after(plural, tok, nxt):
+            finite = True
             close()  # "snow covers the hillside": the subject's verb ends the phrase
             continue
         if is_noun and _verb_form(tok):  # "holding", "building", "painting": a noun only after a determiner
             if chunk.determiner and not chunk.nouns:
                 (chunk.modifiers if _nounable(nxt) else chunk.nouns).append(tok)  # "a sleeping cat", "a building"
             else:
+                finite = True
                 close()
             continue
-        if is_noun and _can_be(tok, "ADJ") and (not chunk.determiner or _nounable(nxt) or nxt == ","):
+        more = _nounable(nxt) or _modifier_like(nxt) or (nxt == "," and not chunk.nouns)
+        if is_noun and _can_be(tok, "ADJ") and (not chunk.determiner or more):
             if chunk.nouns:
                 close()
             chunk.modifiers.append(tok)  # "small", "round", "dark": adjectives, unless a determiner makes a noun
@@ -283,12 +323,15 @@ def noun_phrases(text: str, multiword: frozenset[tuple[str, ...]] = frozenset())
                 close()
             chunk.modifiers.append(tok)  # "a tall lighthouse", "a sleeping cat"
             continue
+        finite = finite or _can_be(tok, "VERB")
         close()  # a verb or anything else ends the phrase
     close()
     return [p for p in phrases if p.head not in ATTRIBUTES]  # "what colour ...": no "of" came to resolve it
 
 
 PLURAL_DETERMINERS = _words("these those several many few both some all most")
+SUBJECT_PRONOUNS = _words("he she it they we i you")
+CLAUSE_ENDS = _words("while whereas although because and but or which who that as when where")
 
 
 def _inflected(tok: str) -> bool:
@@ -304,6 +347,27 @@ def _predicate_adjective(tok: str, tokens: list[str], j: int) -> bool:
     return tok in COLOURS or tok in MATERIALS or tok in NUMBERS or tok.isdigit() or (
         _can_be(tok, "ADJ") and not _can_be(tok, "VERB")
     )
+
+
+def _modifier_like(tok: str) -> bool:
+    """A colour, material, number or adjective that can go on a run of modifiers ("small, silver", "red and")."""
+    if not tok or not tok[0].isalnum():
+        return False
+    if tok in COLOURS or tok in MATERIALS or tok in NUMBERS:
+        return True
+    return _can_be(tok, "ADJ") or ("-" in tok and _hyphen_modifier(tok))
+
+
+def _hyphen_modifier(tok: str) -> bool:
+    """A hyphenated word that describes rather than names: its last part is an adjective, a participle or a
+    particle ("heart-shaped", "half-chopped", "needle-like", "face-down", "rolled-up", "blue-green")."""
+    last = tok.rsplit("-", 1)[-1]
+    if last in ("like", "down", "up", "out", "off", "in", "on", "over", "free", "sized", "style"):
+        return True
+    if last in COLOURS or last in MATERIALS:
+        return True
+    pos = _pos(last)
+    return bool(pos) and ("NOUN" not in pos or _verb_form(last))
 
 
 def _nounable(tok: str) -> bool:
@@ -349,7 +413,7 @@ def _phrase(chunk: _Chunk, position: int) -> Phrase | None:
             return Phrase(head, head, set(chunk.modifiers), position, has_determiner=chunk.determiner)
         return None
     *front, last = nouns
-    head = _singular(last) if " " not in last else last
+    head = _singular(last)
     text = " ".join([*front, head])
     return Phrase(text, head, set(chunk.modifiers), position, has_determiner=chunk.determiner)
 
@@ -364,7 +428,7 @@ def _merge_multiword(tokens: list[str], multiword: frozenset[tuple[str, ...]]) -
         for n in range(min(longest, len(tokens) - i), 1, -1):
             words = tuple(tokens[i : i + n])
             if words in multiword or (*words[:-1], _singular(words[-1])) in multiword:
-                out.append(" ".join((*words[:-1], _singular(words[-1]))))
+                out.append(" ".join(words))
                 i += n
                 break
         else:
@@ -380,35 +444,70 @@ class Focus:
     references: frozenset[str]  # the question's phrases that are only its reference (demoted)
 
 
-_ASKS_ELSEWHERE = re.compile(
-    r"^\s*(?:what|which|who)\s+(?:\w+\s+)?(?:is|are|was|were|'s)\s+(?:"
-    r"(?:on|in|at|under|above|behind|beside|near|inside|underneath|next|over|below|between|to|by|against|atop)\b"
-    r"|(?:\w+ing)\b)"
-)
+_WH_AUX = re.compile(r"^\s*(?:what|which|who)\s+(?:(\w+)\s+)?(?:is|are|was|were|'s|does|do|did)\s+(\S+)")
+_IMPERATIVE = _words("describe give tell show list name identify explain provide look write summarize summarise")
 
 
-def question_focus(question: str, phrases: list[Phrase]) -> Focus:
+def question_focus(question: str, phrases: list[Phrase], chosen: list[Phrase] | None = None) -> Focus:
     """Where the question's object is: one of its phrases, or (None) the answer."""
-    q = question.lower().strip()
+    q = question.lower().replace("\u2019", "'").strip()
     names = [p.text for p in phrases]
+    answer_heads = {p.head for p in chosen or []}
     if not phrases:
         return Focus(None, frozenset())
     if re.match(r"^\s*how\s+many\b", q):
         return Focus(phrases[0].text, frozenset())
     wh = re.match(r"^\s*(?:what|which)\s+(\w+)", q)
     if wh and wh.group(1) in ATTRIBUTES:  # "what colour is the car" -> car; "the dog's eyes" -> eye
-        return Focus(_part_first(phrases), frozenset())
-    asks_elsewhere = bool(_ASKS_ELSEWHERE.match(q)) or bool(re.match(r"^\s*what\s+is\s+(?:this|that|it)\b", q))
-    verb_of_subject = re.search(r"\b(?:is|are)\s+(?:the|a|an|this|that)?\s*\w+(?:\s+\w+)?\s+(\w+ing)\b", q)
-    if wh and wh.group(1) in CATEGORIES:  # "what animal ...": the answer's object belongs to the category
+        return _focus_on(_part_first(phrases), phrases)
+    if wh and _pos(wh.group(1)).get("NOUN") and wh.group(1) not in AUXILIARIES | PRONOUNS | DETERMINERS:
+        asked = _singular(wh.group(1))
+        if asked in CATEGORIES or asked not in answer_heads:  # "what animal": the answer names its object
+            return Focus(None, frozenset(names))
+        return Focus(asked, frozenset(n for n in names if n != asked))  # "which flag": the flag the answer names
+    if _asks_elsewhere(q):
         return Focus(None, frozenset(names))
-    if wh and _pos(wh.group(1)).get("NOUN") and wh.group(1) not in AUXILIARIES:
-        return Focus(_singular(wh.group(1)), frozenset(n for n in names if n != _singular(wh.group(1))))
-    if verb_of_subject and verb_of_subject.group(1) != "doing" and q.startswith(("what", "which")):
-        return Focus(None, frozenset(names))  # "what is the girl holding": the answer's object
-    if asks_elsewhere or q.startswith("who"):
-        return Focus(None, frozenset(names))
-    return Focus(_part_first(phrases), frozenset())
+    return _focus_on(_part_first(phrases), phrases)
+
+
+_DISPLAY_VERBS = _words("say says read reads show shows display displays spell spells indicate indicates")
+
+
+def _asks_elsewhere(q: str) -> bool:
+    """Whether the question asks for an object it does not name: "what is on the table", "what is mounted on",
+    "what is the girl holding", "what's this", "who is ...": its own phrases are the reference."""
+    if q.startswith("who"):
+        return True
+    first = re.match(r"^\s*(?:what|which)\s+(\w+)", q)
+    if first and _can_be(first.group(1), "VERB") and _pos(first.group(1))["VERB"][0] != first.group(1):
+        return True  # "what covers the ground", "what surrounds the lake": the verb's subject is answered
+    m = _WH_AUX.match(q.replace("what's", "what is").replace("what're", "what are"))
+    if m is None:
+        return False
+    word = m.group(2).strip("?.,")
+    if word in PREPOSITIONS or word in ("this", "that", "it", "there", "these", "those"):
+        return True
+    if re.match(r"^\s*\w+\s+(?:\w+\s+)?(?:does|do|did)\b", q):
+        # "what does the boy throw": the verb's object is in the answer; "what does the sign say": on the sign
+        return not any(w.strip("?.,") in _DISPLAY_VERBS for w in q.split())
+    if _can_be(word, "ADJ") and not _can_be(word, "NOUN") and word not in DETERMINERS:
+        return True  # "what is visible in the corner"
+    if _verb_form(word) or _participle(word):
+        return True  # "what is mounted above the stove", "what is standing on the pad"
+    # "what is the girl holding", "what does the boy throw": a verb after the subject
+    rest = q[m.end(2) :].split()
+    return any(_verb_form(w.strip("?.,")) for w in rest[:5])  # "doing" too: the answer says to what
+
+
+def _participle(word: str) -> bool:
+    lemmas = _pos(word).get("VERB")
+    return bool(lemmas) and lemmas[0] != word and not word.endswith("s")
+
+
+def _focus_on(phrase: str, phrases: list[Phrase]) -> Focus:
+    """The focus, with the owner of a focused part as its reference ("the bride's dress": not the bride)."""
+    owners = {p.owner for p in phrases if p.text == phrase and p.owner}
+    return Focus(phrase, frozenset(p.text for p in phrases if p.head in owners))
 
 
 def _part_first(phrases: list[Phrase]) -> str:
@@ -438,13 +537,18 @@ class Ranked:
 
 
 def rank_pair(
-    question: str, chosen: str, rejected: str, weights: Weights = Weights(), multiword: frozenset = frozenset()
+    question: str,
+    chosen: str,
+    rejected: str,
+    weights: Weights = Weights(),
+    multiword: frozenset[tuple[str, ...]] = frozenset(),
+    objects: frozenset[str] = frozenset(),
 ) -> list[Ranked]:
     """The pair's candidate objects, best first (ties: first mention, then alphabetical)."""
-    q_phrases = noun_phrases(question, multiword)
-    c_phrases = noun_phrases(chosen, multiword)
-    r_phrases = noun_phrases(rejected, multiword)
-    focus = question_focus(question, q_phrases)
+    q_phrases = noun_phrases(_without_imperative(question), multiword, objects)
+    c_phrases = noun_phrases(chosen, multiword, objects)
+    r_phrases = noun_phrases(rejected, multiword, objects)
+    focus = question_focus(question, q_phrases, c_phrases)
     scores: dict[str, float] = {}
     sources: dict[str, list[str]] = {}
     order: dict[str, tuple[int, int]] = {}
@@ -455,8 +559,13 @@ def rank_pair(
             sources[phrase].append(source)
         order.setdefault(phrase, seen_at)
 
-    by_head_r = {p.head: p for p in r_phrases}
-    by_head_c = {p.head: p for p in c_phrases}
+    # Per object, everything each answer says of it ("an old stone bridge ... on the bridge"): the union.
+    described_r: dict[str, set[str]] = {}
+    for p in r_phrases:
+        described_r.setdefault(p.head, set()).update(p.modifiers)
+    described_c: dict[str, set[str]] = {}
+    for p in c_phrases:
+        described_c.setdefault(p.head, set()).update(p.modifiers)
     for p in q_phrases:
         if p.text == focus.phrase:
             add(p.text, weights.question, "question", (0, p.position))
@@ -471,9 +580,9 @@ def rank_pair(
         if p.text in seen:
             continue
         seen.add(p.text)
-        other = by_head_r.get(p.head)
         # The question's reference is not in dispute, whichever answer repeats it.
-        if p.text not in focus.references and (other is None or _differs(p, other)):
+        other = described_r.get(p.head)
+        if p.text not in focus.references and (other is None or _differs(described_c[p.head], other)):
             add(p.text, weights.contrast, "contrast", (1, p.position))
         if focus.phrase is not None and p.head == focus.phrase and p.text != focus.phrase:
             add(p.text, weights.question, "question", (1, p.position))  # "which flag" -> "the american flag"
@@ -483,13 +592,21 @@ def rank_pair(
         else:
             add(p.text, 0.0, "answer", (1, p.position))
     for p in r_phrases:
-        if p.head not in by_head_c and p.text not in scores:
+        if p.head not in described_c and p.text not in scores:
             add(p.text, weights.rejected_only, "contrast", (2, p.position))
     ranked = [Ranked(ph, s, sources.get(ph, [])) for ph, s in scores.items()]
     ranked.sort(key=lambda r: (-r.score, order[r.phrase], r.phrase))
     return ranked
 
 
-def _differs(a: Phrase, b: Phrase) -> bool:
-    """Two mentions of one object that the answers describe apart: another colour, material, count or size."""
-    return a.modifiers != b.modifiers and bool(a.modifiers | b.modifiers)
+def _differs(a: set[str], b: set[str]) -> bool:
+    """What two answers say of one object differs: another colour, material, count or size."""
+    return a != b
+
+
+def _without_imperative(question: str) -> str:
+    """ "Describe the image", "Give a description of ...": the leading verb is not an object."""
+    words = question.strip().split(maxsplit=1)
+    if len(words) == 2 and words[0].lower() in _IMPERATIVE:
+        return words[1]
+    return question

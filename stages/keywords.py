@@ -221,6 +221,7 @@ class Keywords(RowStage):
             lex = cfg.lexicon
             self.table = load_lexicon(lex.path or str(LEXICON_PATH), tuple(lex.extra_terms), tuple(lex.ignore))
             self.multiword = frozenset(k for k in self.table if len(k) > 1)  # "hot dog" is one noun
+            self.objects = frozenset(k[0] for k in self.table if len(k) == 1)  # "boots" is a noun, not a verb
             self.weights = Weights(**cfg.ranking.pair.model_dump())
         elif cfg.backend == "spacy":
             spacy = require("spacy", "'mfpo-pipeline[spacy]' and a pipeline, e.g. pip install en_core_web_sm")
@@ -263,7 +264,9 @@ class Keywords(RowStage):
         texts = self.texts(row)
         sources: list[str] | None = None
         if self.config.backend == "lexicon" and self.config.ranking.method == "pair":
-            ranked_pair = rank_pair(row["question"], row["chosen"], row["rejected"], self.weights, self.multiword)
+            ranked_pair = rank_pair(
+                row["question"], row["chosen"], row["rejected"], self.weights, self.multiword, self.objects
+            )
             positive = sum(max(r.score, 0.0) for r in ranked_pair)
             ranked = [
                 (r.phrase, round(max(r.score, 0.0) / positive if positive else 1.0 / len(ranked_pair), 6))
