@@ -65,7 +65,7 @@ CONJUNCTIONS = _words("and or but nor so yet while whereas although because if t
 ADVERBS = _words("very quite rather too also just only really slightly mostly partly fully almost not")
 NUMBERS = _words(
     "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen twenty thirty "
-    "dozen dozens hundred hundreds single double pair couple"
+    "dozens hundred hundreds single double"
 )
 COLOURS = _words(
     "red orange yellow green blue purple violet pink brown black white grey gray silver gold golden beige tan "
@@ -99,7 +99,7 @@ COLLECTIVES = _words(
     "bundle team family dozen string mass cloud field forest wall range plate bowl cup glass tangle mound patch "
     "strip clump sprinkle dusting splash swirl ring wedge square scoop bar loaf sprig stick dollop pat drop "
     "sliver"
-) - {"plate", "bowl", "cup", "glass", "wall", "field", "forest", "line"}
+) - {"plate", "bowl", "cup", "glass"}
 # "a bowl of ramen", "the handle of a racket": what the container holds and what the part belongs to name the
 # object (their regions overlap); a container alone ("a bowl") is an object of its own.
 CONTAINERS = _words(
@@ -288,7 +288,8 @@ def noun_phrases(
             singular_article = chunk.article in ("a", "an", "one", "this", "that", "each", "every", "another")
             after = tokens[i + 2] if i + 2 < len(tokens) else ""
             ends = _boundary(nxt) and not (nxt in (",", "and") and _modifier_like(after))
-            if chunk.determiner and not chunk.modifiers and (ends or (singular_article and _inflected(nxt))):
+            bare = not chunk.modifiers or tok in MATERIALS  # "a flat stone" is a stone; "a deep olive" a colour
+            if chunk.determiner and bare and (ends or (singular_article and _inflected(nxt))):
                 chunk.nouns.append(tok)  # "an orange", "an orange sits"
             else:
                 chunk.modifiers.append(tok)
@@ -298,7 +299,8 @@ def noun_phrases(
         # "rain boots": a known object's plural after a noun, in a clause that has its verb, is a compound's head
         known = finite and _singular(tok) in objects and _singular(tok) != tok and nxt not in DETERMINERS
         agrees = not (chunk.plural and not plural)
-        if is_noun and chunk.nouns and not known and agrees and _verb_after(plural, tok, nxt):
+        after = tokens[i + 2] if i + 2 < len(tokens) else ""
+        if is_noun and chunk.nouns and not known and agrees and _verb_after(plural, tok, nxt, after):
             finite = True
             close()  # "snow covers the hillside": the subject's verb ends the phrase
             continue
@@ -386,10 +388,12 @@ def _verb_form(word: str) -> bool:
     return bool(lemmas) and lemmas[0] != word
 
 
-def _verb_after(subject_plural: bool, word: str, nxt: str) -> bool:
+def _verb_after(subject_plural: bool, word: str, nxt: str, after: str = "") -> bool:
     """Whether a noun-or-verb word after a noun is that noun's verb: it agrees with it in number, or a determiner
     follows it. Otherwise it is a compound ("dog bed")."""
     if " " in word or not _can_be(word, "VERB") or nxt in AUXILIARIES:  # "the dog beds are": the verb follows
+        return False
+    if _can_be(nxt, "VERB") and nxt not in PREPOSITIONS and after in DETERMINERS:  # "model ships crowd the shelf"
         return False
     if nxt in DETERMINERS and nxt not in ("that", "this"):
         return True
@@ -479,7 +483,8 @@ def _asks_elsewhere(q: str) -> bool:
     if q.startswith("who"):
         return True
     first = re.match(r"^\s*(?:what|which)\s+(\w+)", q)
-    if first and _can_be(first.group(1), "VERB") and _pos(first.group(1))["VERB"][0] != first.group(1):
+    verb = first.group(1) if first else ""
+    if verb not in AUXILIARIES and _can_be(verb, "VERB") and _pos(verb)["VERB"][0] != verb:
         return True  # "what covers the ground", "what surrounds the lake": the verb's subject is answered
     m = _WH_AUX.match(q.replace("what's", "what is").replace("what're", "what are"))
     if m is None:
