@@ -99,7 +99,7 @@ COLLECTIVES = _words(
     "bundle team family dozen string mass cloud field forest wall range plate bowl cup glass tangle mound patch "
     "strip clump sprinkle dusting splash swirl ring wedge square scoop bar loaf sprig stick dollop pat drop "
     "sliver"
-) - {"plate", "bowl", "cup", "glass"}
+) - {"plate", "bowl", "cup", "glass", "wall"}
 # "a bowl of ramen", "the handle of a racket": what the container holds and what the part belongs to name the
 # object (their regions overlap); a container alone ("a bowl") is an object of its own.
 CONTAINERS = _words(
@@ -131,10 +131,10 @@ def _pos(word: str) -> dict[str, tuple[str, ...]]:
     return dict(lemminflect.getAllLemmas(word))
 
 
-def _singular(word: str) -> str:
+def singular(word: str) -> str:
     if " " in word:  # "teddy bears" -> "teddy bear"
         *front, last = word.split(" ")
-        return " ".join([*front, _singular(last)])
+        return " ".join([*front, singular(last)])
     if word in PLURAL_NOUNS - {"geese", "mice", "teeth", "men", "women", "children"}:
         return word
     lemmas = _pos(word).get("NOUN")
@@ -147,7 +147,7 @@ def _singular(word: str) -> str:
 
 
 def _is_plural(word: str) -> bool:
-    return word in PLURAL_NOUNS or _singular(word) != word
+    return word in PLURAL_NOUNS or singular(word) != word
 
 
 def _can_be(word: str, pos: str) -> bool:
@@ -297,7 +297,7 @@ def noun_phrases(
         # "a flock of birds flies": the verb agrees with the collective (singular), not with its complement
         plural = _is_plural(chunk.nouns[-1]) and pending_of is None if chunk.nouns else False
         # "rain boots": a known object's plural after a noun, in a clause that has its verb, is a compound's head
-        known = finite and _singular(tok) in objects and _singular(tok) != tok and nxt not in DETERMINERS
+        known = finite and singular(tok) in objects and singular(tok) != tok and nxt not in DETERMINERS
         agrees = not (chunk.plural and not plural)
         after = tokens[i + 2] if i + 2 < len(tokens) else ""
         if is_noun and chunk.nouns and not known and agrees and _verb_after(plural, tok, nxt, after):
@@ -306,7 +306,8 @@ def noun_phrases(
             continue
         if is_noun and _verb_form(tok):  # "holding", "building", "painting": a noun only after a determiner
             if chunk.determiner and not chunk.nouns:
-                (chunk.modifiers if _nounable(nxt) else chunk.nouns).append(tok)  # "a sleeping cat", "a building"
+                modifies = _nounable(nxt) and not _inflected(nxt)  # "a sleeping cat"; "the heading reads"
+                (chunk.modifiers if modifies else chunk.nouns).append(tok)
             else:
                 finite = True
                 close()
@@ -409,15 +410,15 @@ def _boundary_or_object(tok: str) -> bool:
 
 
 def _phrase(chunk: _Chunk, position: int) -> Phrase | None:
-    nouns = [n for n in chunk.nouns if _singular(n) not in POSITIONS | GENERIC]
-    last = _singular(chunk.nouns[-1]) if chunk.nouns else ""
+    nouns = [n for n in chunk.nouns if singular(n) not in POSITIONS | GENERIC]
+    last = singular(chunk.nouns[-1]) if chunk.nouns else ""
     if not chunk.nouns or last in POSITIONS or last in GENERIC:
         if last in ATTRIBUTES | COLLECTIVES:
             head = last  # kept only to be resolved by a following "of"
             return Phrase(head, head, set(chunk.modifiers), position, has_determiner=chunk.determiner)
         return None
     *front, last = nouns
-    head = _singular(last)
+    head = singular(last)
     text = " ".join([*front, head])
     return Phrase(text, head, set(chunk.modifiers), position, has_determiner=chunk.determiner)
 
@@ -431,7 +432,7 @@ def _merge_multiword(tokens: list[str], multiword: frozenset[tuple[str, ...]]) -
     while i < len(tokens):
         for n in range(min(longest, len(tokens) - i), 1, -1):
             words = tuple(tokens[i : i + n])
-            if words in multiword or (*words[:-1], _singular(words[-1])) in multiword:
+            if words in multiword or (*words[:-1], singular(words[-1])) in multiword:
                 out.append(" ".join(words))
                 i += n
                 break
@@ -465,7 +466,7 @@ def question_focus(question: str, phrases: list[Phrase], chosen: list[Phrase] | 
     if wh and wh.group(1) in ATTRIBUTES:  # "what colour is the car" -> car; "the dog's eyes" -> eye
         return _focus_on(_part_first(phrases), phrases)
     if wh and _pos(wh.group(1)).get("NOUN") and wh.group(1) not in AUXILIARIES | PRONOUNS | DETERMINERS:
-        asked = _singular(wh.group(1))
+        asked = singular(wh.group(1))
         if asked in CATEGORIES or asked not in answer_heads:  # "what animal": the answer names its object
             return Focus(None, frozenset(names))
         return Focus(asked, frozenset(n for n in names if n != asked))  # "which flag": the flag the answer names
@@ -500,8 +501,9 @@ def _asks_elsewhere(q: str) -> bool:
     if _verb_form(word) or _participle(word):
         return True  # "what is mounted above the stove", "what is standing on the pad"
     # "what is the girl holding", "what does the boy throw": a verb after the subject
-    rest = q[m.end(2) :].split()
-    return any(_verb_form(w.strip("?.,")) for w in rest[:5])  # "doing" too: the answer says to what
+    rest = [w.strip("?.,") for w in q[m.end(2) :].split()]
+    # After the subject's first word ("the girl holding"; not "the heading at the top"): "doing" too
+    return any(_verb_form(w) for w in rest[1:5]) or (word not in DETERMINERS and bool(rest) and _verb_form(rest[0]))
 
 
 def _participle(word: str) -> bool:

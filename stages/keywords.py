@@ -37,7 +37,7 @@ from pipeline.errors import PipelineError, RowError
 from pipeline.registry import register
 from pipeline.stage import RowStage, StageConfig, StrictModel
 from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_model_dir, missing_package, require
-from stages.key_objects import Weights, rank_pair
+from stages.key_objects import Weights, rank_pair, singular
 from stages.llm import LlmClient, LlmConfig, load_template
 
 LEXICON_PATH = Path(str(resources.files("stages") / "data" / "object_lexicon.json"))  # package data
@@ -146,9 +146,13 @@ def lexicon_mentions(texts: list[str], table: dict[tuple[str, ...], str]) -> lis
 
 
 def head_object(text: str, table: dict[tuple[str, ...], str]) -> str:
-    """The object a short label names: "coffee cup" -> "cup", "kitties" -> "cat"; unknown words as they are."""
+    """The object a short label names: "coffee cup" -> "cup", "kitties" -> "cat"; a phrase the lexicon does not
+    know by its last word, singular ("service ribbons" -> "ribbon", "impact crater" -> "crater")."""
     mentions = lexicon_mentions([text, ""], table)
-    return mentions[-1].phrase if mentions else " ".join(tokenize(text))
+    if mentions:
+        return mentions[-1].phrase
+    words = tokenize(text)
+    return singular(words[-1]) if words else ""
 
 
 def rank(mentions: list[Mention], cfg: RankingConfig) -> list[tuple[str, float]]:
