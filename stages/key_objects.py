@@ -217,6 +217,10 @@ def noun_phrases(
         if prev in SUBJECT_PRONOUNS and _can_be(tok, "VERB") and not chunk.nouns:
             finite = True
             continue  # "she stirs a pot": the pronoun's verb
+        if prev == "to" and _can_be(tok, "VERB") and _pos(tok)["VERB"][0] == tok and nxt not in PREPOSITIONS | {","}:
+            continue  # "to catch a frisbee", "to watch a band": an infinitive
+        if prev in ("and", "then") and _inflected(tok) and singular(tok) not in objects and not chunk.nouns:
+            continue  # "runs along the beach and leaps": a second verb of the same subject
         if tok == "'s" and i and (tokens[i - 1] in WH_WORDS or tokens[i - 1] in PRONOUNS):
             close()  # "what's", "it's", "there's": is
             continue
@@ -503,7 +507,11 @@ def _asks_elsewhere(q: str) -> bool:
     # "what is the girl holding", "what does the boy throw": a verb after the subject
     rest = [w.strip("?.,") for w in q[m.end(2) :].split()]
     # After the subject's first word ("the girl holding"; not "the heading at the top"): "doing" too
-    return any(_verb_form(w) for w in rest[1:5]) or (word not in DETERMINERS and bool(rest) and _verb_form(rest[0]))
+    verbs = [w for w in rest[:5] if _verb_form(w)]
+    if word in DETERMINERS and rest and verbs and verbs[0] == rest[0]:
+        verbs = verbs[1:]  # "what is the heading at the top": a noun after the determiner
+    # "what is the man doing": the man (what he does is about him); "what is the girl holding": the answer's object
+    return bool(verbs) and verbs[0] != "doing"
 
 
 def _participle(word: str) -> bool:
