@@ -437,6 +437,8 @@ def main() -> None:
         f"\nprocess_batch: {len(items)} rows in {seconds * 1000:.1f} ms (best of {args.repeat}), {rate:,.0f} rows/s; "
         f"{rejected} rows quarantined"
     )
+    passed = [len(p) for p in predicted.values()]
+    print(f"phrases passed on per row: mean {sum(passed) / max(len(passed), 1):.2f} (top_k {stage.config.top_k})")
     s = sample["per_category"]["overall"]
     print(f"sample: {s['top1']} of {s['n']} (top-1 against annotations[*].label; top-3 {s['top3']} of {s['n']})")
     grounded = ground_selects(sample_items, sample_pred)

@@ -10,10 +10,12 @@ Backends:
   edges between categories mentioned in the same text weighted by 1/token distance, and PageRank personalised
   by where and how early each category is mentioned (reads the question and the chosen answer only, `text`).
 - `spacy`: noun chunks of an installed spaCy pipeline as candidates, ranked by the graph ranking.
-- `llm`: a prompt from `prompts/` sent to an OpenAI-compatible endpoint or a local Hugging Face causal
-  LM; the reply must be a JSON list of phrases, anything else quarantines the row.
+- `llm`: a prompt from `prompts/` (with `{question}`, `{answer}` and `{rejected}`: the bundled one asks for what
+  the two answers disagree about, then the question's object) sent to an OpenAI-compatible endpoint or a local
+  Hugging Face causal LM; the reply must be a JSON list of phrases, anything else quarantines the row.
 
-Output: `key_phrases` (best first, at most `top_k`), `key_phrase_scores` (summing to 1 over all candidates)
+Output: `key_phrases` (best first, at most `top_k`, and only those scoring at least `min_relative_score` of the
+best), `key_phrase_scores` (summing to 1 over all candidates)
 and `key_phrase_sources` (per phrase, what it scored by: `question`, `contrast`, `answer`, joined by `+`; the
 graph ranking and the llm backend record `graph` and `llm`). A row with no object mention gets empty lists;
 `perturb` then takes its fallback path.
@@ -79,6 +81,13 @@ class KeywordsConfig(StageConfig):
     backend: Literal["lexicon", "spacy", "llm"] = "lexicon"
     text: Literal["question", "chosen", "both"] = Field("both", description="Which text the objects come from.")
     top_k: int = Field(3, ge=1, le=32)
+    min_relative_score: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Phrases scoring under this fraction of the top phrase's score are not passed on: ground boxes "
+        "the key object and only the phrases close to it, not always top_k (0: always top_k).",
+    )
     ranking: RankingConfig = Field(default_factory=RankingConfig)
     lexicon: LexiconConfig = Field(default_factory=LexiconConfig)
     spacy_model: str = Field("en_core_web_sm", description="spaCy pipeline name (spacy backend).")
@@ -278,7 +287,8 @@ class Keywords(RowStage):
             ]
             sources = ["+".join(r.sources) or "reference" for r in ranked_pair]
         elif self.config.backend == "llm":
-            reply = self.llm.complete(self.template.format(question=texts[0], answer=texts[1]))
+            prompt = self.template.format(question=texts[0], answer=texts[1], rejected=row["rejected"])
+            reply = self.llm.complete(prompt)
             phrases = parse_phrase_list(reply)[: self.config.top_k]
             weights = [1.0 / (i + 1) for i in range(len(phrases))]
             ranked = [(p, round(w / sum(weights), 6)) for p, w in zip(phrases, weights, strict=True)]
@@ -286,7 +296,9 @@ class Keywords(RowStage):
             ranked = rank(self._noun_chunks(texts), self.config.ranking)
         else:
             ranked = rank(lexicon_mentions(texts, self.table), self.config.ranking)
-        top = ranked[: self.config.top_k]
+        best = ranked[0][1] if ranked else 0.0
+        top = [(p, s) for p, s in ranked[: self.config.top_k] if s >= self.config.min_relative_score * best and s > 0]
+        top = top or ranked[:1]
         default = "llm" if self.config.backend == "llm" else "graph"
         return {
             "key_phrases": [p for p, _ in top],

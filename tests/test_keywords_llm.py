@@ -64,7 +64,9 @@ def test_openai_compatible_endpoint(lm: Path, monkeypatch: pytest.MonkeyPatch):
         result = stage.process_batch(ROWS)
     assert len(seen) == 2 and seen[0]["path"] == "/v1/chat/completions"
     assert seen[0]["auth"] == "Bearer sk-test-secret"
-    assert "What is on the table?" in seen[0]["body"]["messages"][0]["content"]  # the prompt template, filled
+    prompt = seen[0]["body"]["messages"][0]["content"]  # the prompt template, filled with the whole pair
+    assert "What is on the table?" in prompt and "Correct answer: A laptop." in prompt
+    assert "Incorrect answer: A tablet." in prompt
     assert result.table.num_rows == 0 and len(result.rejected) == 2
     assert all(r.reason.startswith("keywords: model reply") for r in result.rejected)
     assert "sk-test-secret" not in repr([r.fields for r in result.rejected])
