@@ -98,7 +98,7 @@ COLLECTIVES = _words(
     "carpet sheet layer stack pile heap line set series lot lots variety array assortment collection handful "
     "bundle team family dozen string mass cloud field forest wall range plate bowl cup glass tangle mound patch "
     "strip clump sprinkle dusting splash swirl ring wedge square scoop bar loaf sprig stick dollop pat drop "
-    "sliver"
+    "sliver roll"
 ) - {"plate", "bowl", "cup", "glass", "wall"}
 # "a bowl of ramen", "the handle of a racket": what the container holds and what the part belongs to name the
 # object (their regions overlap); a container alone ("a bowl") is an object of its own.
@@ -280,7 +280,7 @@ def noun_phrases(
             chunk.modifiers.append(tok)  # "half-chopped", "heart-shaped", "needle-like", "rolled-up"
             continue
         is_noun = " " in tok or _can_be(tok, "NOUN") or _is_unknown(tok)
-        if is_noun and chunk.nouns and _can_be(tok, "ADJ") and nxt in ("of", "with", "to", "enough", "for"):
+        if is_noun and chunk.nouns and _can_be(tok, "ADJ") and (nxt in PREPOSITIONS or nxt == "enough"):
             close()  # "a vase full of daffodils": an adjective after its noun
             continue
         if is_noun and prev in WH_WORDS and _pos(tok).get("VERB", (tok,))[0] != tok and not chunk.nouns:
@@ -356,9 +356,12 @@ def _predicate_adjective(tok: str, tokens: list[str], j: int) -> bool:
     )
 
 
+CLOSED = PREPOSITIONS | AUXILIARIES | WH_WORDS | PRONOUNS | CONJUNCTIONS | DETERMINERS
+
+
 def _modifier_like(tok: str) -> bool:
     """A colour, material, number or adjective that can go on a run of modifiers ("small, silver", "red and")."""
-    if not tok or not tok[0].isalnum():
+    if not tok or not tok[0].isalnum() or tok in CLOSED:
         return False
     if tok in COLOURS or tok in MATERIALS or tok in NUMBERS:
         return True
@@ -378,7 +381,7 @@ def _hyphen_modifier(tok: str) -> bool:
 
 
 def _nounable(tok: str) -> bool:
-    return bool(tok) and tok[0].isalnum() and (" " in tok or _can_be(tok, "NOUN") or _is_unknown(tok))
+    return bool(tok) and tok[0].isalnum() and tok not in CLOSED and (" " in tok or _can_be(tok, "NOUN") or _is_unknown(tok))
 
 
 def _boundary(tok: str) -> bool:
