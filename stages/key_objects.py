@@ -85,7 +85,8 @@ POSITIONS = _words(
 GENERIC = _words(
     "picture image photo photograph scene view shot frame object thing item stuff kind type sort lot lots "
     "number way color colour shape size material pattern texture brand name detail details style feature "
-    "structure figure element something anything image's photo's subject focus"
+    "structure figure element something anything image's photo's subject focus description overview summary "
+    "detail details"
 )
 # "the X of Y": X names a property of Y, so Y is the object.
 ATTRIBUTES = _words(
@@ -210,8 +211,8 @@ def noun_phrases(
     for i, tok in enumerate(tokens):
         nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
         prev = tokens[i - 1] if i else ""
-        if tok in CLAUSE_ENDS or tok in (".", ";", "!", "?", ":"):
-            finite = False
+        if tok in CLAUSE_ENDS or tok in (".", ";", "!", "?", ":") or (tok == "," and nxt in DETERMINERS):
+            finite = False  # a new clause (", the man waves"): its verb is still to come
         if tok in AUXILIARIES:
             finite = True
         if prev in SUBJECT_PRONOUNS and _can_be(tok, "VERB") and not chunk.nouns:
@@ -301,12 +302,17 @@ def noun_phrases(
         # "a flock of birds flies": the verb agrees with the collective (singular), not with its complement
         plural = _is_plural(chunk.nouns[-1]) and pending_of is None if chunk.nouns else False
         # "rain boots": a known object's plural after a noun, in a clause that has its verb, is a compound's head
-        known = finite and singular(tok) in objects and singular(tok) != tok and nxt not in DETERMINERS
+        # (and a plural before a comma: "a pile of autumn leaves, orange and brown, ...")
+        plural_form = singular(tok) != tok
+        known = plural_form and nxt not in DETERMINERS and (finite or nxt in (",", ";"))
         agrees = not (chunk.plural and not plural)
         after = tokens[i + 2] if i + 2 < len(tokens) else ""
         if is_noun and chunk.nouns and not known and agrees and _verb_after(plural, tok, nxt, after):
             finite = True
             close()  # "snow covers the hillside": the subject's verb ends the phrase
+            continue
+        if is_noun and _verb_form(tok) and chunk.nouns and nxt == "of":
+            chunk.nouns.append(tok)  # "a crayon drawing of a house": a noun before "of"
             continue
         if is_noun and _verb_form(tok):  # "holding", "building", "painting": a noun only after a determiner
             if chunk.determiner and not chunk.nouns:
@@ -365,7 +371,7 @@ def _modifier_like(tok: str) -> bool:
         return False
     if tok in COLOURS or tok in MATERIALS or tok in NUMBERS:
         return True
-    return _can_be(tok, "ADJ") or ("-" in tok and _hyphen_modifier(tok))
+    return _can_be(tok, "ADJ") or _verb_form(tok) or ("-" in tok and _hyphen_modifier(tok))
 
 
 def _hyphen_modifier(tok: str) -> bool:
@@ -381,7 +387,9 @@ def _hyphen_modifier(tok: str) -> bool:
 
 
 def _nounable(tok: str) -> bool:
-    return bool(tok) and tok[0].isalnum() and tok not in CLOSED and (" " in tok or _can_be(tok, "NOUN") or _is_unknown(tok))
+    if not tok or not tok[0].isalnum() or tok in CLOSED:
+        return False
+    return " " in tok or _can_be(tok, "NOUN") or _is_unknown(tok)
 
 
 def _boundary(tok: str) -> bool:
@@ -503,12 +511,13 @@ def _asks_elsewhere(q: str) -> bool:
     if re.match(r"^\s*\w+\s+(?:\w+\s+)?(?:does|do|did)\b", q):
         # "what does the boy throw": the verb's object is in the answer; "what does the sign say": on the sign
         return not any(w.strip("?.,") in _DISPLAY_VERBS for w in q.split())
-    if _can_be(word, "ADJ") and not _can_be(word, "NOUN") and word not in DETERMINERS:
+    rest = [w.strip("?.,") for w in q[m.end(2) :].split()]
+    predicate = not _can_be(word, "NOUN") or (bool(rest) and rest[0] in PREPOSITIONS)
+    if _can_be(word, "ADJ") and word not in DETERMINERS and predicate:
         return True  # "what is visible in the corner"
     if _verb_form(word) or _participle(word):
         return True  # "what is mounted above the stove", "what is standing on the pad"
     # "what is the girl holding", "what does the boy throw": a verb after the subject
-    rest = [w.strip("?.,") for w in q[m.end(2) :].split()]
     # After the subject's first word ("the girl holding"; not "the heading at the top"): "doing" too
     verbs = [w for w in rest[:5] if _verb_form(w)]
     if word in DETERMINERS and rest and verbs and verbs[0] == rest[0]:
@@ -531,7 +540,7 @@ def _focus_on(phrase: str, phrases: list[Phrase]) -> Focus:
 def _part_first(phrases: list[Phrase]) -> str:
     """The first phrase, but a part before its owner ("the dog's eyes" -> eye)."""
     owned = [p for p in phrases if p.owner is not None]
-    return owned[0].text if owned and owned[0].position <= phrases[0].position + 1 else phrases[0].text
+    return owned[0].text if owned else phrases[0].text
 
 
 # --------------------------------------------------------------------------------------------- the ranking
