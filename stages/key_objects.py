@@ -208,7 +208,10 @@ def noun_phrases(
         return phrase
 
     finite = False  # the clause has its verb already: an ambiguous word after that is a noun ("wears rain boots")
+    skip_to = 0  # tokens a predicate consumed ("is bright orange")
     for i, tok in enumerate(tokens):
+        if i < skip_to:
+            continue
         nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
         prev = tokens[i - 1] if i else ""
         if tok in CLAUSE_ENDS or tok in (".", ";", "!", "?", ":") or (tok == "," and nxt in DETERMINERS):
@@ -252,6 +255,10 @@ def noun_phrases(
                 if tokens[j] not in ("and", ","):
                     subject.modifiers.add(tokens[j])
                 j += 1
+            if j < len(tokens) and _nounable(tokens[j]) and tokens[j] not in COLOURS | MATERIALS:
+                j = i + 1  # "is a tall lighthouse", "are wooden chairs": a noun phrase, read as one
+            skip_to = j
+            finite = True
             continue
         if tok in (",", "and") and chunk.modifiers and not chunk.nouns and _modifier_like(nxt):
             continue  # "a small, silver teaspoon", "a red and gold blanket": the adjectives go on
@@ -293,8 +300,10 @@ def noun_phrases(
             singular_article = chunk.article in ("a", "an", "one", "this", "that", "each", "every", "another")
             after = tokens[i + 2] if i + 2 < len(tokens) else ""
             ends = _boundary(nxt) and not (nxt in (",", "and") and _modifier_like(after))
-            bare = not chunk.modifiers or tok in MATERIALS  # "a flat stone" is a stone; "a deep olive" a colour
-            if chunk.determiner and bare and (ends or (singular_article and _inflected(nxt))):
+            # "a flat stone" is a stone, "grilled salmon" a salmon; "a deep olive", "bright orange" colours
+            described = any(_verb_form(m) for m in chunk.modifiers)
+            bare = not chunk.modifiers or tok in MATERIALS or described
+            if (chunk.determiner or described) and bare and (ends or (singular_article and _inflected(nxt))):
                 chunk.nouns.append(tok)  # "an orange", "an orange sits"
             else:
                 chunk.modifiers.append(tok)
@@ -490,6 +499,9 @@ def question_focus(question: str, phrases: list[Phrase], chosen: list[Phrase] | 
     return _focus_on(_part_first(phrases), phrases)
 
 
+_DISPLAY_PARTICIPLES = _words(
+    "printed written drawn painted displayed shown engraved embroidered stamped labelled labeled carved"
+)
 _DISPLAY_VERBS = _words("say says read reads show shows display displays spell spells indicate indicates")
 
 
@@ -515,6 +527,8 @@ def _asks_elsewhere(q: str) -> bool:
     predicate = not _can_be(word, "NOUN") or (bool(rest) and rest[0] in PREPOSITIONS)
     if _can_be(word, "ADJ") and word not in DETERMINERS and predicate:
         return True  # "what is visible in the corner"
+    if word in _DISPLAY_PARTICIPLES:
+        return False  # "what is printed on the mug": what is printed is seen on the mug, its region
     if _verb_form(word) or _participle(word):
         return True  # "what is mounted above the stove", "what is standing on the pad"
     # "what is the girl holding", "what does the boy throw": a verb after the subject
