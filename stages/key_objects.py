@@ -73,6 +73,11 @@ COLOURS = _words(
     "cherry chocolate amber bronze copper lavender lilac mauve khaki charcoal burgundy rust mint emerald ruby "
     "jade indigo aqua blond blonde dark light bright pale colorful colourful multicolored multicoloured"
 )
+# Colour words that also name things ("an orange", "grilled salmon"); every other colour word is never an object.
+COLOUR_NOUNS = _words(
+    "orange lime olive peach salmon coral lemon cherry chocolate cream ivory amber bronze copper gold silver "
+    "lavender lilac mint emerald ruby jade rust charcoal burgundy navy indigo turquoise"
+)
 MATERIALS = _words(
     "wooden wood metal metallic steel iron stone glass plastic leather cotton wool woolen woollen silk paper "
     "cardboard ceramic porcelain brick concrete marble granite rubber denim velvet straw wicker bamboo "
@@ -140,7 +145,8 @@ def singular(word: str) -> str:
         return word
     lemmas = _pos(word).get("NOUN")
     if lemmas:
-        return lemmas[0]
+        verbs = _pos(word).get("VERB", ())
+        return next((lemma for lemma in lemmas if lemma not in verbs), lemmas[0])  # "leaves" -> leaf, not leave
     import lemminflect
 
     oov = lemminflect.getAllLemmasOOV(word, "NOUN").get("NOUN")
@@ -288,6 +294,9 @@ def noun_phrases(
             chunk.modifiers.append(tok)  # "half-chopped", "heart-shaped", "needle-like", "rolled-up"
             continue
         is_noun = " " in tok or _can_be(tok, "NOUN") or _is_unknown(tok)
+        if is_noun and _verb_form(tok) and chunk.nouns and nxt == "of":
+            chunk.nouns.append(tok)  # "a crayon drawing of a house": a noun before "of"
+            continue
         if is_noun and chunk.nouns and _can_be(tok, "ADJ") and (nxt in PREPOSITIONS or nxt == "enough"):
             close()  # "a vase full of daffodils": an adjective after its noun
             continue
@@ -303,7 +312,8 @@ def noun_phrases(
             # "a flat stone" is a stone, "grilled salmon" a salmon; "a deep olive", "bright orange" colours
             described = any(_verb_form(m) for m in chunk.modifiers)
             bare = not chunk.modifiers or tok in MATERIALS or described
-            if (chunk.determiner or described) and bare and (ends or (singular_article and _inflected(nxt))):
+            names = tok in COLOUR_NOUNS or tok in MATERIALS
+            if names and (chunk.determiner or described) and bare and (ends or (singular_article and _inflected(nxt))):
                 chunk.nouns.append(tok)  # "an orange", "an orange sits"
             else:
                 chunk.modifiers.append(tok)
@@ -320,9 +330,6 @@ def noun_phrases(
             finite = True
             close()  # "snow covers the hillside": the subject's verb ends the phrase
             continue
-        if is_noun and _verb_form(tok) and chunk.nouns and nxt == "of":
-            chunk.nouns.append(tok)  # "a crayon drawing of a house": a noun before "of"
-            continue
         if is_noun and _verb_form(tok):  # "holding", "building", "painting": a noun only after a determiner
             if chunk.determiner and not chunk.nouns:
                 modifies = _nounable(nxt) and not _inflected(nxt)  # "a sleeping cat"; "the heading reads"
@@ -331,7 +338,7 @@ def noun_phrases(
                 finite = True
                 close()
             continue
-        more = _nounable(nxt) or _modifier_like(nxt) or (nxt == "," and not chunk.nouns)
+        more = _nounable(nxt) or _modifier_like(nxt) or (nxt == "," and _modifier_like(after))
         if is_noun and _can_be(tok, "ADJ") and (not chunk.determiner or more):
             if chunk.nouns:
                 close()
@@ -340,7 +347,7 @@ def noun_phrases(
         if is_noun:
             chunk.nouns.append(tok)
             continue
-        if _can_be(tok, "ADJ") or (_verb_form(tok) and chunk.determiner and not chunk.nouns):
+        if _can_be(tok, "ADJ") or (_verb_form(tok) and not chunk.nouns and (chunk.determiner or _nounable(nxt))):
             if chunk.nouns:
                 close()
             chunk.modifiers.append(tok)  # "a tall lighthouse", "a sleeping cat"
@@ -424,7 +431,7 @@ def _verb_after(subject_plural: bool, word: str, nxt: str, after: str = "") -> b
         return True
     verb_lemma = _pos(word).get("VERB", (word,))[0]
     third_person = word != verb_lemma and word.endswith("s")
-    if third_person and not subject_plural:
+    if third_person:  # "snow covers"; "two slices stands" too (a plural noun does not modify another)
         return True
     return word == verb_lemma and subject_plural and not word.endswith("s") and _boundary_or_object(nxt)
 
