@@ -224,7 +224,8 @@ def noun_phrases(
             finite = False  # a new clause (", the man waves"): its verb is still to come
         if tok in AUXILIARIES:
             finite = True
-        if prev in SUBJECT_PRONOUNS and _can_be(tok, "VERB") and not chunk.nouns:
+        relative = prev in ("which", "who") and i > 1  # "..., which stand out": not "Which flag hangs ...?"
+        if (prev in SUBJECT_PRONOUNS or relative) and _can_be(tok, "VERB") and not chunk.nouns:
             finite = True
             continue  # "she stirs a pot": the pronoun's verb
         if prev == "to" and _can_be(tok, "VERB") and _pos(tok)["VERB"][0] == tok and nxt not in PREPOSITIONS | {","}:
@@ -304,6 +305,8 @@ def noun_phrases(
             continue  # "what covers the ground": the question's verb
         if tok in COLOURS or tok in MATERIALS:
             # A modifier when a noun follows in the phrase; a noun only with its own determiner ("an orange").
+            if chunk.nouns and tok not in COLOUR_NOUNS and tok in COLOURS:
+                chunk.modifiers.append(chunk.nouns.pop())  # "mustard yellow", "sky blue": a shade, not a thing
             if chunk.nouns:
                 close()
             singular_article = chunk.article in ("a", "an", "one", "this", "that", "each", "every", "another")
