@@ -46,6 +46,7 @@ def dataset_files(
         "stages": stages,
         "splits": {name: _rows(files) for name, files in ds.splits(dataset_dir).items()},
         "buckets": ds.bucket_counts(dataset_dir),
+        "key_objects": ds.key_object_counts(dataset_dir),
     }
     files = {
         "README.md": render_card(dataset_dir, config, write_cfg, stages, summary, pictures, repo_id, revision),
@@ -156,6 +157,7 @@ def render_card(
         stages=[{"name": n, "text": describe_stage(n, c.model_dump(mode="json"))} for n, c in config.stages.items()],
         stage_counts=stages,
         buckets=list(summary["buckets"].items()),
+        key_objects=summary.get("key_objects"),
         quarantine=[
             {"stage": s["name"], "reason": reason, "count": count}
             for s in stages

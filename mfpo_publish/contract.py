@@ -113,6 +113,10 @@ def check_row(r: dict[str, Any], pixels: bool = True) -> list[str]:
         problems.append("boxes, box_scores and box_phrases differ in length")
     if "key_phrases" in r and len(r["key_phrases"]) != len(r["key_phrase_scores"]):
         problems.append("key_phrases and key_phrase_scores differ in length")
+    if "key_phrase_sources" in r and len(r["key_phrases"]) != len(r["key_phrase_sources"]):
+        problems.append("key_phrases and key_phrase_sources differ in length")
+    if "unboxed_phrases" in r and not set(r["unboxed_phrases"]) <= set(r.get("key_phrases") or []):
+        problems.append("unboxed_phrases names a phrase that is not a key phrase")
     prompt = r.get("prompt")
     if "prompt" in r and not (isinstance(prompt, list) and prompt and prompt[0].get("role") == "user"):
         problems.append("prompt is not a conversational user turn")

@@ -93,6 +93,24 @@ def bucket_counts(dataset_dir: Path) -> dict[str, int]:
     return {b: counts[b] for b in order}
 
 
+def key_object_counts(dataset_dir: Path) -> dict[str, Any] | None:
+    """Where each row's top key phrase came from (`key_phrase_sources`) and how many rows' top phrase got a box;
+    None for a dataset made without those columns."""
+    table = read_columns(dataset_dir, ("key_phrases", "key_phrase_sources", "unboxed_phrases"))
+    if not {"key_phrases", "key_phrase_sources", "unboxed_phrases"} <= set(table.column_names):
+        return None
+    rows = table.to_pylist()
+    with_top = [r for r in rows if r["key_phrases"]]
+    sources = Counter((r["key_phrase_sources"] or ["?"])[0] for r in with_top)
+    grounded = sum(r["key_phrases"][0] not in (r["unboxed_phrases"] or []) for r in with_top)
+    return {
+        "rows": len(rows),
+        "rows_with_key_phrase": len(with_top),
+        "top_phrase_grounded": grounded,
+        "top_phrase_sources": dict(sources.most_common()),
+    }
+
+
 def quarantined(output_dir: Path, stages: Iterable[str], limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
     """Quarantined rows of these stages, in stage order: ({stage, sample_id, reason, fields, payload}, total)."""
     rows: list[dict[str, Any]] = []

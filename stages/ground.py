@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -84,9 +85,9 @@ class GroundConfig(StageConfig):
 class Ground(Stage):
     name: ClassVar[str] = "ground"
     Config = GroundConfig
-    version: ClassVar[int] = 2  # 2: malformed shipped annotations quarantine the row instead of being dropped
+    version: ClassVar[int] = 3  # 3: unboxed_phrases
     inputs: ClassVar[tuple[str, ...]] = ("image", "meta", "key_phrases")
-    outputs: ClassVar[tuple[str, ...]] = ("boxes", "box_scores", "box_phrases")
+    outputs: ClassVar[tuple[str, ...]] = ("boxes", "box_scores", "box_phrases", "unboxed_phrases")
     config: GroundConfig
 
     def setup(self) -> None:
@@ -142,6 +143,7 @@ class Ground(Stage):
                 ("boxes", BOXES_TYPE),
                 ("box_scores", FLOATS_TYPE),
                 ("box_phrases", STRINGS_TYPE),
+                ("unboxed_phrases", STRINGS_TYPE),  # key phrases that got no box
             ]
         )
 
@@ -169,6 +171,7 @@ class Ground(Stage):
                     "boxes": [b for b, _, _ in found],
                     "box_scores": [s for _, s, _ in found],
                     "box_phrases": [p for _, _, p in found],
+                    "unboxed_phrases": [p for p in row["key_phrases"] or [] if p not in {q for _, _, q in found}],
                 }
             )
         return BatchResult(pa.Table.from_pylist(kept, schema=self.output_schema(table.schema)), rejected)
@@ -270,11 +273,15 @@ class Ground(Stage):
         return head_object(text, self.lexicon)
 
     def _phrase_for(self, label: str, phrases: list[str]) -> str:
-        """The key phrase a detector label belongs to (labels are token spans of the prompt)."""
-        canonical = self._canonical(label)
-        for p in phrases:
-            if self._canonical(p) == canonical or label.strip() in p:
-                return p
+        """The key phrase a detector label belongs to. Labels are token spans of the prompt, which may run over
+        several of its " . "-separated phrases and its special tokens ("espresso coffee. crema. [SEP]"): the
+        first of those parts that names a key phrase decides."""
+        parts = [x.strip() for x in re.sub(r"\[(?:SEP|CLS|PAD)\]", " ", label).split(".") if x.strip()]
+        for part in parts or [label.strip()]:
+            canonical = self._canonical(part)
+            for p in phrases:
+                if self._canonical(p) == canonical or part in p:
+                    return p
         return label.strip()
 
     def _postprocess(self, found: list[tuple[list[float], float, str]]) -> list[tuple[list[float], float, str]]:

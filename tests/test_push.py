@@ -298,3 +298,20 @@ def test_train_push_to_hub_uploads_the_final_model(trained, hub, tmp_path):
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files)
     assert files["adapter_model.safetensors"] == (tmp_path / "t" / "final" / "adapter_model.safetensors").read_bytes()
     assert "train: model pushed: " in proc.stderr
+
+
+def test_the_card_counts_where_key_objects_came_from_and_how_many_got_a_box(run):
+    """The card's key-object section: rows whose top key phrase got a box, and the sources of the top phrases,
+    as the dataset's own `key_phrases`, `key_phrase_sources` and `unboxed_phrases` columns give them."""
+    _, out = run
+    rows = dataset_rows(out)
+    with_top = [r for r in rows if r["key_phrases"]]
+    assert with_top and all(set(r["unboxed_phrases"]) <= set(r["key_phrases"]) for r in rows)
+    grounded = sum(r["key_phrases"][0] not in r["unboxed_phrases"] for r in with_top)
+    card = (out / "dataset" / "README.md").read_text()
+    assert "### Key objects" in card
+    counts = f"{len(with_top)} of {len(rows)} rows have a key phrase; the top one got a box in\n{grounded} of them"
+    assert counts in card
+    sources = Counter(r["key_phrase_sources"][0] for r in with_top)
+    for name, count in sources.items():
+        assert f"| {name} | {count} |" in card
