@@ -220,10 +220,15 @@ def noun_phrases(
             continue
         nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
         prev = tokens[i - 1] if i else ""
-        if tok in CLAUSE_ENDS or tok in (".", ";", "!", "?", ":") or (tok == "," and nxt in DETERMINERS):
+        new_subject = nxt in DETERMINERS or nxt in SUBJECT_PRONOUNS  # ", the man waves", "and she smiles"
+        if tok in CLAUSE_ENDS or tok in (".", ";", "!", "?", ":") or (tok in (",", "and", "or") and new_subject):
             finite = False  # a new clause (", the man waves"): its verb is still to come
         if tok in AUXILIARIES:
             finite = True
+        aside = prev == "," and i > 1 and _modifier_like(tokens[i - 2]) and bool(phrases)
+        if aside and _inflected(tok) and chunk.empty() and not finite:
+            finite = True
+            continue  # "a row of bins, green and black, stands on ...": the verb after an aside
         relative = prev in ("which", "who") and i > 1  # "..., which stand out": not "Which flag hangs ...?"
         if (prev in SUBJECT_PRONOUNS or relative) and _can_be(tok, "VERB") and not chunk.nouns:
             finite = True
@@ -363,7 +368,7 @@ def noun_phrases(
 
 PLURAL_DETERMINERS = _words("these those several many few both some all most")
 SUBJECT_PRONOUNS = _words("he she it they we i you")
-CLAUSE_ENDS = _words("while whereas although because and but or which who that as when where")
+CLAUSE_ENDS = _words("while whereas although because but which who that as when where")
 
 
 def _inflected(tok: str) -> bool:

@@ -8,14 +8,24 @@ from __future__ import annotations
 import pytest
 
 from stages.key_objects import noun_phrases, rank_pair
+from stages.keywords import LEXICON_PATH, LexiconConfig, load_lexicon
+
+
+def _lexicon() -> tuple[frozenset, frozenset]:
+    """What the keywords stage gives the rules: the bundled lexicon's multi-word names and one-word objects."""
+    table = load_lexicon(str(LEXICON_PATH), (), tuple(LexiconConfig().ignore))
+    return frozenset(k for k in table if len(k) > 1), frozenset(k[0] for k in table if len(k) == 1)
+
+
+MULTIWORD, OBJECTS = _lexicon()
 
 
 def _texts(text: str) -> list[str]:
-    return [p.text for p in noun_phrases(text)]
+    return [p.text for p in noun_phrases(text, MULTIWORD, OBJECTS)]
 
 
 def _top(question: str, chosen: str, rejected: str, n: int = 1) -> list[str]:
-    return [r.phrase for r in rank_pair(question, chosen, rejected)[:n]]
+    return [r.phrase for r in rank_pair(question, chosen, rejected, multiword=MULTIWORD, objects=OBJECTS)[:n]]
 
 
 @pytest.mark.parametrize(
@@ -37,6 +47,17 @@ def _top(question: str, chosen: str, rejected: str, n: int = 1) -> list[str]:
         ("Two totem poles near a sundial.", ["totem pole", "sundial"]),  # outside any lexicon
         ("On the left side of the picture, a small, silver teaspoon.", ["teaspoon"]),  # positions, generic words
         ("She wears glasses.", ["glasses"]),  # a plural-only noun stays as it is
+        # plural compounds in a clause that has its verb; a verb after an aside; a shade is not a thing
+        ("She is wearing yellow rain boots, splashed with mud.", ["rain boot", "mud"]),
+        ("A row of wheelie bins, green and black, stands by the road.", ["wheelie bin", "road"]),
+        ("Plates, cups and bowls sit on the shelf.", ["plate", "cup", "bowl", "shelf"]),
+        ("The curtains are a muted mustard yellow.", ["curtain"]),
+        ("A plate topped with grilled salmon and asparagus spears.", ["plate", "salmon", "asparagus spear"]),
+        ("A child's crayon drawing of a house.", ["child", "crayon drawing", "house"]),  # a gerund before "of"
+        ("He is playing a grand piano, its lid propped open.", ["piano", "lid"]),
+        ("She stirs a pot of soup while he watches.", ["soup"]),  # pronoun subjects' verbs; a container's content
+        ("The dog runs along the beach and leaps to catch a frisbee.", ["dog", "beach", "frisbee"]),
+        ("The plant's leaves are broad, which stand out.", ["plant", "leaf"]),
     ],
 )
 def test_noun_phrases(text: str, phrases: list[str]):
@@ -44,7 +65,7 @@ def test_noun_phrases(text: str, phrases: list[str]):
 
 
 def test_the_part_is_owned():
-    [dog, eye] = noun_phrases("The dog's eyes are brown.")
+    [dog, eye] = noun_phrases("The dog's eyes are brown.", MULTIWORD, OBJECTS)
     assert (dog.text, eye.text, eye.owner) == ("dog", "eye", "dog")
 
 
@@ -67,6 +88,11 @@ def test_the_part_is_owned():
         ("What animal is on the sofa?", "A tabby cat is curled up on the sofa.", "A dog is on the sofa.", "cat"),
         ("What is this?", "This is a sundial in a garden.", "This is a clock on a wall.", "sundial"),
         ("What is the woman wearing on her head?", "She wears a nurse's cap.", "She wears a helmet.", "cap"),
+        ("What surrounds the lake?", "Tall reeds ring the lake.", "A stone wall rings the lake.", "reed"),
+        ("Which flag hangs by the door?", "The flag of Japan, white with a red disc.", "A blue banner.", "flag"),
+        # what is written or printed on a thing is seen on the thing
+        ("What is printed on the coffee mug?", "The coffee mug has a cartoon fox on it.", "A slogan.", "coffee mug"),
+        ("What does the sign say?", "The sign says OPEN in red letters.", "It says CLOSED.", "sign"),
         # the pair's contrast: what the answers disagree about
         (
             "Describe the image in detail.",
