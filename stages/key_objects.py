@@ -175,6 +175,7 @@ class Phrase:
     position: int  # order among the text's phrases
     owner: str | None = None  # "the dog's eyes": eye, owned by dog
     has_determiner: bool = False
+    after_verb: int = 0  # right after the text's k-th verb: its object ("stirs a pot of soup"); 0: not
 
 
 @dataclass
@@ -200,22 +201,30 @@ def noun_phrases(
     pending_owner: str | None = None  # the phrase before a possessive 's
     pending_of: Phrase | None = None  # "X of": X waits for the phrase after "of"
 
+    verb_at = -2  # where the last verb was
+    verbs = 0  # how many verbs so far
+    chunk_start: int | None = None  # where the open phrase began
+
     def close() -> Phrase | None:
-        nonlocal chunk, pending_owner, pending_of
+        nonlocal chunk, pending_owner, pending_of, chunk_start
         phrase = _phrase(chunk, len(phrases))
         chunk = _Chunk()
+        start, chunk_start = chunk_start, None
         if phrase is None:
             return None
+        phrase.after_verb = verbs if start is not None and start == verb_at + 1 else 0
         if pending_owner is not None:
             phrase.owner, pending_owner = pending_owner, None
         if pending_of is not None:  # "a flock of birds" -> bird; "the colour of the car" -> car
-            phrase.position, pending_of = pending_of.position, None
+            phrase.position, phrase.after_verb, pending_of = pending_of.position, pending_of.after_verb, None
         phrases.append(phrase)
         return phrase
 
     finite = False  # the clause has its verb already: an ambiguous word after that is a noun ("wears rain boots")
     skip_to = 0  # tokens a predicate consumed ("is bright orange")
     for i, tok in enumerate(tokens):
+        if chunk_start is None and (chunk.determiner or not chunk.empty()):
+            chunk_start = i - 1  # the previous token opened it
         if i < skip_to:
             continue
         nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
@@ -227,15 +236,17 @@ def noun_phrases(
             finite = True
         aside = prev == "," and i > 1 and _modifier_like(tokens[i - 2]) and bool(phrases)
         if aside and _inflected(tok) and chunk.empty() and not finite:
-            finite = True
+            finite, verb_at, verbs = True, i, verbs + 1
             continue  # "a row of bins, green and black, stands on ...": the verb after an aside
         relative = prev in ("which", "who") and i > 1  # "..., which stand out": not "Which flag hangs ...?"
         if (prev in SUBJECT_PRONOUNS or relative) and _can_be(tok, "VERB") and not chunk.nouns:
-            finite = True
+            finite, verb_at, verbs = True, i, verbs + 1
             continue  # "she stirs a pot": the pronoun's verb
         if prev == "to" and _can_be(tok, "VERB") and _pos(tok)["VERB"][0] == tok and nxt not in PREPOSITIONS | {","}:
+            verb_at, verbs = i, verbs + 1
             continue  # "to catch a frisbee", "to watch a band": an infinitive
         if prev in ("and", "then") and _inflected(tok) and singular(tok) not in objects and not chunk.nouns:
+            verb_at, verbs = i, verbs + 1
             continue  # "runs along the beach and leaps": a second verb of the same subject
         if tok == "'s" and i and (tokens[i - 1] in WH_WORDS or tokens[i - 1] in PRONOUNS):
             close()  # "what's", "it's", "there's": is
@@ -335,18 +346,18 @@ def noun_phrases(
         agrees = not (chunk.plural and not plural)
         after = tokens[i + 2] if i + 2 < len(tokens) else ""
         if is_noun and chunk.nouns and not known and agrees and _verb_after(plural, tok, nxt, after):
-            finite = True
             close()  # "snow covers the hillside": the subject's verb ends the phrase
+            finite, verb_at, verbs = True, i, verbs + 1
             continue
         if is_noun and _verb_form(tok):  # "holding", "building", "painting": a noun only after a determiner
             if chunk.determiner and not chunk.nouns:
                 modifies = _nounable(nxt) and not _inflected(nxt)  # "a sleeping cat"; "the heading reads"
                 (chunk.modifiers if modifies else chunk.nouns).append(tok)
             else:
-                finite = True
                 close()
+                finite, verb_at, verbs = True, i, verbs + 1
             continue
-        more = _nounable(nxt) or _modifier_like(nxt) or (nxt == "," and _modifier_like(after))
+        more = _nounable(nxt) or _modifier_like(nxt) or (nxt == "," and not chunk.nouns and _modifier_like(after))
         if is_noun and _can_be(tok, "ADJ") and (not chunk.determiner or more):
             if chunk.nouns:
                 close()
@@ -360,8 +371,9 @@ def noun_phrases(
                 close()
             chunk.modifiers.append(tok)  # "a tall lighthouse", "a sleeping cat"
             continue
-        finite = finite or _can_be(tok, "VERB")
         close()  # a verb or anything else ends the phrase
+        if _can_be(tok, "VERB"):
+            finite, verb_at, verbs = True, i, verbs + 1
     close()
     return [p for p in phrases if p.head not in ATTRIBUTES]  # "what colour ...": no "of" came to resolve it
 
@@ -486,6 +498,7 @@ def _merge_multiword(tokens: list[str], multiword: frozenset[tuple[str, ...]]) -
 class Focus:
     phrase: str | None  # the question's own focus phrase, or None when it is in the answer
     references: frozenset[str]  # the question's phrases that are only its reference (demoted)
+    doing: bool = False  # "what is X doing": X, unless the answer's verb has an object (then that object)
 
 
 _WH_AUX = re.compile(r"^\s*(?:what|which|who)\s+(?:(\w+)\s+)?(?:is|are|was|were|'s|does|do|did)\s+(\S+)")
@@ -509,6 +522,13 @@ def question_focus(question: str, phrases: list[Phrase], chosen: list[Phrase] | 
         if asked in CATEGORIES or asked not in answer_heads:  # "what animal": the answer names its object
             return Focus(None, frozenset(names))
         return Focus(asked, frozenset(n for n in names if n != asked))  # "which flag": the flag the answer names
+    doing = re.match(r"^\s*what\s+(?:is|are|was|were)\s+.+?\s+doing\b(.*)$", q)
+    if doing:
+        tail = re.search(r"\bwith\s+(.+)$", doing.group(1))
+        named = [p for p in phrases if tail and p.head in tail.group(1)]
+        if named:  # "what is the girl doing with the kite": the kite
+            return Focus(named[0].text, frozenset(p.text for p in phrases if p is not named[0]))
+        return Focus(phrases[0].text, frozenset(), doing=True)
     if _asks_elsewhere(q):
         return Focus(None, frozenset(names))
     return _focus_on(_part_first(phrases), phrases)
@@ -605,6 +625,11 @@ def rank_pair(
     c_phrases = noun_phrases(chosen, multiword, objects)
     r_phrases = noun_phrases(rejected, multiword, objects)
     focus = question_focus(question, q_phrases, c_phrases)
+    if focus.doing:  # "the crane lifts a steel beam": what the doer acts on; "the man waves to a friend": the man
+        asked = {p.text for p in q_phrases}
+        acted_on = next((p for p in c_phrases if p.after_verb == 1 and p.text not in asked), None)
+        if acted_on is not None:  # the doer stays a candidate: it is in the picture, doing it
+            focus = Focus(acted_on.text, frozenset())
     scores: dict[str, float] = {}
     sources: dict[str, list[str]] = {}
     order: dict[str, tuple[int, int]] = {}
@@ -615,6 +640,7 @@ def rank_pair(
             sources[phrase].append(source)
         order.setdefault(phrase, seen_at)
 
+    asked = {p.text for p in q_phrases}
     # Per object, everything each answer says of it ("an old stone bridge ... on the bridge"): the union.
     described_r: dict[str, set[str]] = {}
     for p in r_phrases:
@@ -640,8 +666,12 @@ def rank_pair(
         other = described_r.get(p.head)
         if p.text not in focus.references and (other is None or _differs(described_c[p.head], other)):
             add(p.text, weights.contrast, "contrast", (1, p.position))
-        if focus.phrase is not None and p.head == focus.phrase and p.text != focus.phrase:
-            add(p.text, weights.question, "question", (1, p.position))  # "which flag" -> "the american flag"
+        # The focus as the answer names it ("which flag" -> "the american flag"), or found in the answer ("what is
+        # the crane doing" -> the beam it lifts); a phrase the question itself scored already is not counted twice.
+        named = p.head == focus.phrase and p.text != focus.phrase
+        found = p.text == focus.phrase and focus.phrase not in asked
+        if focus.phrase is not None and (named or found) and "question" not in sources.get(p.text, []):
+            add(p.text, weights.question, "question", (1, p.position))
         if p.text not in focus.references and p.head not in owners:
             answer_rank += 1
             add(p.text, weights.answer / answer_rank, "answer", (1, p.position))

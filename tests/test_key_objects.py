@@ -90,6 +90,15 @@ def test_the_part_is_owned():
         ("What is the woman wearing on her head?", "She wears a nurse's cap.", "She wears a helmet.", "cap"),
         ("What surrounds the lake?", "Tall reeds ring the lake.", "A stone wall rings the lake.", "reed"),
         ("Which flag hangs by the door?", "The flag of Japan, white with a red disc.", "A blue banner.", "flag"),
+        # "what is X doing": what X acts on, when its first verb has an object; else X
+        ("What is the crane doing?", "The crane lifts a steel beam above the tower.", "It lowers a crate.", "beam"),
+        ("What is the man doing?", "The man waves to a friend from the platform.", "He runs for the train.", "man"),
+        (
+            "What is the girl doing with the kite?",
+            "She holds the string tight as the kite climbs above the dunes.",
+            "She kneels on the sand.",
+            "kite",
+        ),
         # what is written or printed on a thing is seen on the thing
         ("What is printed on the coffee mug?", "The coffee mug has a cartoon fox on it.", "A slogan.", "coffee mug"),
         ("What does the sign say?", "The sign says OPEN in red letters.", "It says CLOSED.", "sign"),
