@@ -132,3 +132,24 @@ def test_no_colour_position_generic_word_or_verb_is_a_phrase():
         "the man waves and people line the side of the image in blue and green."
     )
     assert _texts(text) == ["snow", "man", "people"]
+
+
+def test_the_readme_example():
+    """The worked example of the README's `keywords` section, number for number, through the stage."""
+    import pyarrow as pa
+    from stage_runner import build_stage
+
+    question = "What is on the counter beside the sink?"
+    chosen = "A chrome toaster sits on the counter beside the sink, next to a roll of paper towels."
+    rejected = "A blender sits on the counter beside the sink, next to a roll of paper towels."
+    ranked = rank_pair(question, chosen, rejected, multiword=MULTIWORD, objects=OBJECTS)
+    assert [(r.phrase, r.score) for r in ranked] == [
+        ("chrome toaster", 5.0),
+        ("paper towel", 1.0),
+        ("blender", 0.5),
+        ("counter", -2.0),
+        ("sink", -2.0),
+    ]
+    table = pa.table({"sample_id": ["1"], "question": [question], "chosen": [chosen], "rejected": [rejected]})
+    [row] = build_stage("keywords", {}).process_batch(table).table.to_pylist()
+    assert row["key_phrases"] == ["chrome toaster"] and row["key_phrase_sources"] == ["contrast+answer"]
