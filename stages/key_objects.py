@@ -9,10 +9,14 @@ Noun phrases. A phrase is a run of modifiers and nouns closed by a determiner, a
 conjunction or punctuation. Its head is the last noun, singular; the phrase passed on is the text's own compound
 ("fire hydrant", "totem pole"), without determiners, numbers, colour, material or other adjectives, which are
 kept as the phrase's modifiers (they tell "a red car" from "a blue car"). A word that can be a noun or a verb
-is a verb when it agrees with the noun before it as its subject ("snow covers", "people line the street") or a
-determiner follows it. A colour or material word is an object only with a determiner of its own ("an orange"),
-never as a modifier ("orange spacesuit") or a predicate ("is orange"). Measure and collective nouns resolve to
-their complement ("a flock of birds" -> bird, "a blanket of snow" -> snow); "the X of Y" with an attribute X
+is a verb when it agrees with the noun before it as its subject ("snow covers", "people line the street"), a
+determiner follows it, or a pronoun, "to" or a relative pronoun comes before it ("she stirs", "to catch");
+once a clause has its verb, a plural after a noun is a compound's head ("is wearing rain boots"). A colour word
+that names a thing too (orange, salmon, olive) or a material word is an object only with a determiner or a
+participle of its own ("an orange", "grilled salmon"), never as a modifier ("orange spacesuit"), a shade
+("mustard yellow") or a predicate ("is orange"); other colour words are never objects. Measure and collective
+nouns, containers and an object's parts resolve to their complement ("a flock of birds" -> bird, "a blanket of
+snow" -> snow, "a bowl of ramen" -> ramen, "the handle of a racket" -> racket); "the X of Y" with an attribute X
 ("the colour of the car") to Y. Position words (left, top, background) and generic words (picture, object,
 thing) are never phrases. Multi-word names the lexicon knows ("hot dog", "teddy bear") are one noun. Any noun is
 a candidate, known to the lexicon or not (Grounding DINO takes any phrase).
@@ -22,9 +26,11 @@ The ranking (`rank_pair`), with its weights in `Weights`:
   (a colour, a material, a count); an object only the rejected answer names scores `rejected_only` (it is
   likely not in the picture);
 - `question`: the question's focus: the phrase after "how many", the object of an attribute question ("what
-  colour is the car"), the part rather than its owner ("the dog's eyes"), the first phrase otherwise. When the
-  question asks for something it does not name ("what is on the counter", "what is the girl holding", "what
-  animal ...", "what is this"), its own phrases are the reference, demoted, and the focus is in the answer;
+  colour is the car"), the part rather than its owner ("the dog's eyes"), the thing something is printed or
+  written on ("what does the sign say"), for "what is X doing" what X's first verb acts on in the answer ("lifts a
+  steel beam") or X when that verb has none, the first phrase otherwise. When the question asks for something it
+  does not name ("what is on the counter", "what is the girl holding", "what animal ...", "what is this", "what
+  covers the ground"), its own phrases are the reference, demoted, and the focus is in the answer;
 - `answer`: the chosen answer's subject: its first phrases, decreasing with their order.
 Each phrase records which of these it scored by (`sources`).
 """
