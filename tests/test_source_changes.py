@@ -78,6 +78,10 @@ def test_a_source_in_s3_rewritten_after_planning_is_refused_by_the_worker(tmp_pa
     with s3_server("src") as env:
         for key, value in env.items():
             monkeypatch.setenv(key, value)
+        # fsspec keeps one filesystem per set of arguments for the process; one made by an earlier test against
+        # another (now stopped) server would be reused: this test's stages must open their own.
+        s3fs.S3FileSystem.clear_instance_cache()
+        monkeypatch.setattr(s3fs.S3FileSystem, "cachable", False)
         fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
         local = write_source(tmp_path / "data", 6)
         fs.put(str(local.parent) + "/", "src/data/", recursive=True)
