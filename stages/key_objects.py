@@ -97,7 +97,7 @@ GENERIC = _words(
     "picture image photo photograph scene view shot frame object thing item stuff kind type sort lot lots "
     "number way color colour shape size material pattern texture brand name detail details style feature "
     "structure figure element something anything image's photo's subject focus description overview summary "
-    "detail details"
+    "detail details piece pieces"
 )
 # "the X of Y": X names a property of Y, so Y is the object.
 ATTRIBUTES = _words(
@@ -132,6 +132,8 @@ CATEGORIES = _words(
     "accessory accessories building buildings structure structures creature creatures breed species kind type "
     "sort brand animal's piece pieces equipment gadget machine container shape"
 )
+# Fixed adverbial phrases whose nouns name nothing in the picture ("lies face down", "turned upside down").
+ADVERBIAL_PAIRS = frozenset({("face", "down"), ("face", "up"), ("upside", "down"), ("inside", "out"), ("side", "by")})
 _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*|'s\b|[^\sa-z0-9]")
 
 
@@ -233,6 +235,10 @@ def noun_phrases(
             chunk_start = i - 1  # the previous token opened it
         if i < skip_to:
             continue
+        if (tok, tokens[i + 1] if i + 1 < len(tokens) else "") in ADVERBIAL_PAIRS:
+            close()
+            skip_to = i + 2
+            continue
         nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
         prev = tokens[i - 1] if i else ""
         new_subject = nxt in DETERMINERS or nxt in SUBJECT_PRONOUNS  # ", the man waves", "and she smiles"
@@ -317,6 +323,11 @@ def noun_phrases(
             chunk.modifiers.append(tok)  # "half-chopped", "heart-shaped", "needle-like", "rolled-up"
             continue
         is_noun = " " in tok or _can_be(tok, "NOUN") or _is_unknown(tok)
+        pronoun_like = chunk.article in ("other", "another", "each", "both", "one") and chunk.empty()
+        if pronoun_like and _inflected(tok) and _boundary(nxt):
+            chunk = _Chunk()
+            finite, verb_at, verbs = True, i, verbs + 1
+            continue  # "while the other watches": the determiner stood for a noun, this is its verb
         if is_noun and _verb_form(tok) and chunk.nouns and nxt == "of":
             chunk.nouns.append(tok)  # "a crayon drawing of a house": a noun before "of"
             continue
@@ -381,7 +392,8 @@ def noun_phrases(
         if _can_be(tok, "VERB"):
             finite, verb_at, verbs = True, i, verbs + 1
     close()
-    return [p for p in phrases if p.head not in ATTRIBUTES]  # "what colour ...": no "of" came to resolve it
+    # "what colour ...", "reaching for a piece": no "of" came to resolve them
+    return [p for p in phrases if p.head not in ATTRIBUTES and p.head not in GENERIC]
 
 
 PLURAL_DETERMINERS = _words("these those several many few both some all most")
