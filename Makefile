@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11 or later); set PYTHON=/path/to/python3"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,sam]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,sam,spacy]"
 	touch $(STAMP)
 
 demo: $(STAMP)

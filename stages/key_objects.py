@@ -38,6 +38,7 @@ Each phrase records which of these it scored by (`sources`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -187,7 +188,9 @@ class Phrase:
 
 
 @dataclass
-class _Chunk:
+class Chunk:
+    """A noun phrase as it is read, word by word (here, or from a parse: stages.parsed_phrases)."""
+
     nouns: list[str] = field(default_factory=list)
     modifiers: list[str] = field(default_factory=list)
     determiner: bool = False
@@ -205,7 +208,7 @@ def noun_phrases(
     words read as one noun; `objects`: single-word object names (singular), which are nouns before verbs."""
     tokens = _merge_multiword(_TOKEN.findall(text.lower().replace("\u2019", "'")), multiword)
     phrases: list[Phrase] = []
-    chunk = _Chunk()
+    chunk = Chunk()
     pending_owner: str | None = None  # the phrase before a possessive 's
     pending_of: Phrase | None = None  # "X of": X waits for the phrase after "of"
 
@@ -215,8 +218,8 @@ def noun_phrases(
 
     def close() -> Phrase | None:
         nonlocal chunk, pending_owner, pending_of, chunk_start
-        phrase = _phrase(chunk, len(phrases))
-        chunk = _Chunk()
+        phrase = chunk_phrase(chunk, len(phrases))
+        chunk = Chunk()
         start, chunk_start = chunk_start, None
         if phrase is None:
             return None
@@ -325,7 +328,7 @@ def noun_phrases(
         is_noun = " " in tok or _can_be(tok, "NOUN") or _is_unknown(tok)
         pronoun_like = chunk.article in ("other", "another", "each", "both", "one") and chunk.empty()
         if pronoun_like and _inflected(tok) and _boundary(nxt):
-            chunk = _Chunk()
+            chunk = Chunk()
             finite, verb_at, verbs = True, i, verbs + 1
             continue  # "while the other watches": the determiner stood for a noun, this is its verb
         if is_noun and _verb_form(tok) and chunk.nouns and nxt == "of":
@@ -478,7 +481,9 @@ def _boundary_or_object(tok: str) -> bool:
     return _boundary(tok) or tok in DETERMINERS or tok in ADVERBS or tok in PRONOUNS
 
 
-def _phrase(chunk: _Chunk, position: int) -> Phrase | None:
+def chunk_phrase(chunk: Chunk, position: int) -> Phrase | None:
+    """The phrase passed on for a chunk: its compound with a singular head, without position or generic words;
+    None when nothing is left (an attribute or collective head is kept, to be resolved by a following "of")."""
     nouns = [n for n in chunk.nouns if singular(n) not in POSITIONS | GENERIC]
     last = singular(chunk.nouns[-1]) if chunk.nouns else ""
     if not chunk.nouns or last in POSITIONS or last in GENERIC:
@@ -637,11 +642,14 @@ def rank_pair(
     weights: Weights = Weights(),
     multiword: frozenset[tuple[str, ...]] = frozenset(),
     objects: frozenset[str] = frozenset(),
+    phrases: Callable[[str], list[Phrase]] | None = None,
 ) -> list[Ranked]:
-    """The pair's candidate objects, best first (ties: first mention, then alphabetical)."""
-    q_phrases = noun_phrases(_without_imperative(question), multiword, objects)
-    c_phrases = noun_phrases(chosen, multiword, objects)
-    r_phrases = noun_phrases(rejected, multiword, objects)
+    """The pair's candidate objects, best first (ties: first mention, then alphabetical). `phrases`: a text's noun
+    phrases (default: `noun_phrases` with `multiword` and `objects`; the spacy backend: from its parse)."""
+    extract = phrases or (lambda text: noun_phrases(text, multiword, objects))
+    q_phrases = extract(_without_imperative(question))
+    c_phrases = extract(chosen)
+    r_phrases = extract(rejected)
     focus = question_focus(question, q_phrases, c_phrases)
     if focus.doing:  # "the crane lifts a steel beam": what the doer acts on; "the man waves to a friend": the man
         asked = {p.text for p in q_phrases}

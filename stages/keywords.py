@@ -9,7 +9,9 @@ Backends:
   a graph ranking in the spirit of the paper's multipartite keyphrase ranking: one node per object category,
   edges between categories mentioned in the same text weighted by 1/token distance, and PageRank personalised
   by where and how early each category is mentioned (reads the question and the chosen answer only, `text`).
-- `spacy`: noun chunks of an installed spaCy pipeline as candidates, ranked by the graph ranking.
+- `spacy`: the same rankings over an installed spaCy pipeline's parse: `pair` takes the noun phrases from its
+  noun chunks, parts of speech and dependencies (stages.parsed_phrases) instead of the rules; `graph` ranks its
+  noun chunks' lemmas. The pipeline needs a dependency parser.
 - `llm`: a prompt from `prompts/` (with `{question}`, `{answer}` and `{rejected}`: the bundled one asks for what
   the two answers disagree about, then the question's object) sent to an OpenAI-compatible endpoint or a local
   Hugging Face causal LM; the reply must be a JSON list of phrases, anything else quarantines the row.
@@ -39,8 +41,9 @@ from pipeline.errors import PipelineError, RowError
 from pipeline.registry import register
 from pipeline.stage import RowStage, StageConfig, StrictModel
 from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_model_dir, missing_package, require
-from stages.key_objects import Weights, rank_pair, singular
+from stages.key_objects import Phrase, Weights, rank_pair, singular
 from stages.llm import LlmClient, LlmConfig, load_template
+from stages.parsed_phrases import parsed_phrases
 
 LEXICON_PATH = Path(str(resources.files("stages") / "data" / "object_lexicon.json"))  # package data
 _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -103,6 +106,23 @@ class Mention:
     phrase: str  # canonical name of the object
     segment: int  # 0 = question, 1 = chosen answer
     position: int  # token index within the segment
+
+
+def spacy_pipeline_version(name: str) -> str | None:
+    """The installed spaCy pipeline's `name-version` from its meta.json (a package or a folder), or None."""
+    from importlib import util
+
+    folder = Path(name)
+    if not folder.is_dir():
+        spec = util.find_spec(name) if name.isidentifier() else None
+        if spec is None or spec.origin is None:
+            return None
+        folder = Path(spec.origin).parent
+    metas = sorted(folder.glob("*/meta.json")) if not (folder / "meta.json").exists() else [folder / "meta.json"]
+    if not metas:
+        return None
+    meta = json.loads(metas[-1].read_text(encoding="utf-8"))
+    return f"{meta.get('lang', '')}_{meta.get('name', '')}-{meta.get('version', '')}"
 
 
 # ------------------------------------------------------------------------------------------ lexicon
@@ -230,31 +250,41 @@ class Keywords(RowStage):
 
     def setup(self) -> None:
         cfg = self.config
-        if cfg.backend == "lexicon":
+        if cfg.backend in ("lexicon", "spacy"):
             lex = cfg.lexicon
             self.table = load_lexicon(lex.path or str(LEXICON_PATH), tuple(lex.extra_terms), tuple(lex.ignore))
             self.multiword = frozenset(k for k in self.table if len(k) > 1)  # "hot dog" is one noun
             self.objects = frozenset(k[0] for k in self.table if len(k) == 1)  # "boots" is a noun, not a verb
             self.weights = Weights(**cfg.ranking.pair.model_dump())
-        elif cfg.backend == "spacy":
+        if cfg.backend == "spacy":
             spacy = require("spacy", "'mfpo-pipeline[spacy]' and a pipeline, e.g. pip install en_core_web_sm")
             try:
-                self.nlp = spacy.load(cfg.spacy_model)
+                self.nlp = spacy.load(cfg.spacy_model)  # an installed package's name or a pipeline folder
             except OSError as err:
                 raise PipelineError(
                     f"stages.keywords.spacy_model: spaCy pipeline {cfg.spacy_model!r} is not installed; "
                     f"install it (python -m spacy download {cfg.spacy_model}) or use backend: lexicon"
                 ) from err
-        else:
+            if "parser" not in self.nlp.pipe_names:  # noun chunks, owners and verbs' objects come from the parse
+                raise PipelineError(
+                    f"stages.keywords.spacy_model: spaCy pipeline {cfg.spacy_model!r} has no dependency parser "
+                    f"(its components: {', '.join(self.nlp.pipe_names) or 'none'}); use one that has "
+                    "(en_core_web_sm, en_core_web_trf) or backend: lexicon"
+                )
+        elif cfg.backend == "llm":
             self.template = load_template(cfg.llm.prompt, "stages.keywords.llm.prompt")
             self.llm = LlmClient(cfg.llm, "stages.keywords.llm", "keywords")
 
     def fingerprint_extra(self) -> Any:
-        if self.config.backend == "lexicon" and self.config.lexicon.path is None:
-            from pipeline.storage import file_sha256
+        from pipeline.storage import file_sha256
 
-            return {"lexicon": file_sha256(LEXICON_PATH)}
-        return None
+        extra: dict[str, Any] = {}
+        if self.config.backend in ("lexicon", "spacy") and self.config.lexicon.path is None:
+            extra["lexicon"] = file_sha256(LEXICON_PATH)
+        if self.config.backend == "spacy":
+            # Another version of the pipeline parses otherwise; 2: the pair ranking over its parse.
+            extra["spacy"] = {"pipeline": spacy_pipeline_version(self.config.spacy_model), "phrases": 2}
+        return extra or None
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         return pa.schema(
@@ -276,9 +306,15 @@ class Keywords(RowStage):
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         texts = self.texts(row)
         sources: list[str] | None = None
-        if self.config.backend == "lexicon" and self.config.ranking.method == "pair":
+        if self.config.backend in ("lexicon", "spacy") and self.config.ranking.method == "pair":
             ranked_pair = rank_pair(
-                row["question"], row["chosen"], row["rejected"], self.weights, self.multiword, self.objects
+                row["question"],
+                row["chosen"],
+                row["rejected"],
+                self.weights,
+                self.multiword,
+                self.objects,
+                phrases=self._parsed_phrases if self.config.backend == "spacy" else None,
             )
             positive = sum(max(r.score, 0.0) for r in ranked_pair)
             ranked = [
@@ -305,6 +341,9 @@ class Keywords(RowStage):
             "key_phrase_scores": [s for _, s in top],
             "key_phrase_sources": (sources or [default] * len(top))[: len(top)],
         }
+
+    def _parsed_phrases(self, text: str) -> list[Phrase]:
+        return parsed_phrases(self.nlp(text), self.multiword)
 
     def _noun_chunks(self, texts: list[str]) -> list[Mention]:
         mentions = []
