@@ -6,7 +6,8 @@ and compare the final adapter with an uninterrupted run's (same seed).
 Each kill point is a state of the training folder, watched every millisecond; the process is killed the
 moment it is seen (so "during checkpoint creation" means a checkpoint folder exists that the trainer has
 not marked complete yet). Prints one line per point and the largest weight difference; exit 1 if any
-resumed run differs by more than 1e-6.
+resumed run differs by more than 1e-5 (on the CPU two uninterrupted runs differ by up to a few 1e-6 now and then:
+tests/helpers.py, CROSS_PROCESS_ATOL; a lost, repeated or mis-scheduled step moves weights by 1e-4 or more).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def main() -> None:
                 flush=True,
             )
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    bad = [r for r in results if not (r["killed"] and r["resume_rc"] == 0 and r["max_abs_diff"] <= 1e-6)]
+    bad = [r for r in results if not (r["killed"] and r["resume_rc"] == 0 and r["max_abs_diff"] <= 1e-5)]
     print(f"{len(results) - len(bad)} of {len(results)} kill points resumed to the uninterrupted run's weights")
     sys.exit(1 if bad else 0)
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import CHECKPOINTED, REPO, TRAIN, cli
+from helpers import CHECKPOINTED, CROSS_PROCESS_ATOL, REPO, TRAIN, cli
 from safetensors.torch import load_file
 from tiny_models import save_tiny_llava
 
@@ -141,7 +141,7 @@ def test_an_incomplete_checkpoint_is_ignored_on_resume(trained, checkpointed, tm
     assert "resuming from checkpoint-" in proc.stderr
     a, b = _adapter(checkpointed), _adapter(target)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=CROSS_PROCESS_ATOL)
 
 
 def test_a_policy_that_is_not_the_reference_is_refused(trained, tmp_path):
