@@ -56,7 +56,7 @@ browser:
 	else echo "no chromium and no apt-get as root: the browser test will be skipped"; fi
 
 test: lint groundingdino-env browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf outputs .pytest_cache
