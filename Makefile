@@ -2,6 +2,7 @@
 #   make demo   creates .venv if missing, installs the project, runs the offline recipe end to end
 #               (data pipeline, then MFPO training of a tiny model)
 #   make test   same environment, runs the linter and the whole test suite
+#   (make test-fast: the linter and the fast tier, in under 2 minutes)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 GDINO_VENV ?= .venv-groundingdino
 GDINO_STAMP := $(GDINO_VENV)/.installed-stamp
 
-.PHONY: demo test lint install clean groundingdino-env browser
+.PHONY: demo test test-fast lint install clean groundingdino-env browser
 
 install: $(STAMP)
 
@@ -32,6 +33,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # The original GroundingDINO package needs transformers < 5: it gets an environment of its own, which the
 # `groundingdino-py` ground backend runs as a worker process (stages.ground.groundingdino_py.python).
@@ -57,6 +59,10 @@ browser:
 
 test: lint groundingdino-env browser
 	$(PY) -m pytest -q --durations=15
+
+# The fast tier, for every change: no subprocess CLI, no Ray, no model beyond the tiny fixtures (under 2 minutes).
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -46,7 +46,7 @@ def _locks(cfg: Any, model: str | None, stages: bool) -> Iterator[None]:
     dataset, or `eval/` beside it, meanwhile; pushes, trainings and other evals read on), and the training
     folder shared while its `final/` model is read, exclusively with `--stages` (its records are read and the
     model card in `final/` is rewritten, so no training may write there meanwhile)."""
-    from mfpo_train.command import locations, own_dataset, paths
+    from mfpo_train.records import locations, own_dataset, paths
 
     train = locations(cfg)[1].rstrip("/")
     run = cfg.output_location.rstrip("/")
@@ -75,7 +75,7 @@ def run_eval(
 def _run_eval(
     cfg: Any, model: str | None, split: str | None, stages: bool, sync: bool
 ) -> list[tuple[str, Path, dict[str, Any]]]:
-    from mfpo_train.command import locations, paths
+    from mfpo_train.records import locations, paths
 
     settings = cfg.eval.model_copy(update={"split": split}) if split else cfg.eval
     dataset_location, train_location = locations(cfg)
@@ -161,7 +161,7 @@ def _stage_report(cfg: Any, dataset: Path, out: Path, rows: list[tuple[str, dict
     final = out / "final"
     if final.is_dir() and cfg.train is not None:
         from mfpo_train.card import write_model_card
-        from mfpo_train.trainer import read_stage_records
+        from mfpo_train.records import read_stage_records
 
         atomic_write(final / "eval_stages.png", lambda tmp: tmp.write_bytes(plot))
         split = rows[0][1]["split"]

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from mfpo_eval.generate import GenerateSettings
+from pipeline.registry import config_section
 from pipeline.stage import StrictModel
 from stages.perturb import NoiseConfig
 
@@ -24,6 +25,7 @@ class PopeSettings(StrictModel):
     per_row: int = Field(3, ge=1, description="Positive questions per image (and as many negatives).")
 
 
+@config_section("eval")
 class EvalConfig(StrictModel):
     split: str = Field("test", description="Dataset split to evaluate on (write.splits makes one).")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")

@@ -24,6 +24,7 @@ import numpy as np
 
 from mfpo_eval.config import EvalConfig
 from mfpo_eval.metrics import pope_metrics, pope_questions, pope_text, preference_metrics, sensitivity_metrics
+from mfpo_train.data import require_split
 from pipeline.determinism import row_rng
 from pipeline.errors import PipelineError
 from pipeline.images import decode_rgb
@@ -45,23 +46,6 @@ EVAL_COLUMNS = (
     "image_id",
 )
 POPE_ANSWERS = ("Yes", "No")
-
-
-def require_split(dataset_dir: Path, split: str, key: str = "eval.split") -> None:
-    """Refuse, in one line and before any model loads, a split the dataset lacks or that holds no rows."""
-    import pyarrow.parquet as pq
-
-    from mfpo_train.data import shard_files, splits
-
-    present = splits(dataset_dir)
-    if split in present and sum(pq.read_metadata(f).num_rows for f in shard_files(dataset_dir, split)):
-        return
-    have = ", ".join(sorted(present)) or "none"
-    state = f"`{split}` split has no rows" if split in present else f"dataset has no `{split}` split"
-    raise PipelineError(
-        f"{key}: the {state} (splits: {have}); hold rows out with stages.write.splits "
-        "(e.g. {train: 0.95, test: 0.05}: a 5% split gets a row from about 20 distinct pictures up), or set eval.split"
-    )
 
 
 def image_questions(ds: Any, n: int, setting: str, per_image: int, seed: int) -> list[Any]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from pipeline.registry import config_section
 from pipeline.stage import StrictModel
 
 REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
+@config_section("push")
 class PushConfig(StrictModel):
     repo_id: str | None = Field(None, pattern=REPO_ID, description="Hub dataset repo, ORG/NAME (or --repo-id).")
     private: bool = Field(False, description="Create the repo private (an existing repo keeps its visibility).")

@@ -17,13 +17,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mfpo_train.records import COMMITTED, StagePlan, TrainRefused, plan_stages, prepare_output, status
-from pipeline.storage import RunLayout, Store, is_uri, local_folder
+from mfpo_train.records import (
+    COMMITTED,
+    StagePlan,
+    TrainRefused,
+    lead,
+    locations,
+    own_dataset,
+    paths,
+    plan_stages,
+    prepare_output,
+    status,
+)
+from pipeline.storage import RunLayout, Store, is_uri
 
 log = logging.getLogger("mfpo")
 
@@ -32,24 +42,6 @@ log = logging.getLogger("mfpo")
 MARKERS = (COMMITTED, "stage.json")
 # The training records `status` reads (a pull of these alone downloads no weights).
 _RECORDS = ("stage.json", "_started.json", COMMITTED)
-
-
-def locations(cfg: Any) -> tuple[str, str]:
-    """(dataset, training output) as configured: local paths or object-store URIs."""
-    run = cfg.output_location.rstrip("/")
-    return cfg.train.dataset_dir or f"{run}/dataset", cfg.train.output_dir or f"{run}/train"
-
-
-def paths(cfg: Any) -> tuple[Path, Path]:
-    """(dataset folder, training output folder) on this machine: the folders themselves, or the local
-    mirrors of object-store locations."""
-    dataset, out = locations(cfg)
-    return local_folder(dataset), local_folder(out)
-
-
-def own_dataset(cfg: Any, dataset: Path) -> bool:
-    run_dataset = local_folder(f"{cfg.output_location.rstrip('/')}/dataset")
-    return dataset.resolve() == run_dataset.resolve() and "write" in cfg.stages
 
 
 def dataset_fingerprint(cfg: Any, refuse: bool = True) -> str | None:
@@ -75,10 +67,6 @@ def dataset_fingerprint(cfg: Any, refuse: bool = True) -> str | None:
     fp = runner.fingerprints()["write"]
     records = runner.layout.committed("write", fp, statuses[-1].num_shards or 0)
     return of_files(dataset, [fp, *(records[k].data_sha256 for k in sorted(records))])
-
-
-def lead() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextlib.contextmanager
@@ -109,8 +97,12 @@ def _sync_down(cfg: Any) -> Store | None:
     return Store(out) if is_uri(out) else None
 
 
-def run_train(cfg: Any, resume: bool, force: bool) -> dict[str, Any]:
-    """Everything `train` does; returns the summary (per stage: rows, steps, last metrics)."""
+def run_train(
+    cfg: Any, resume: bool, force: bool, evaluate: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Everything `train` does; returns the summary (per stage: rows, steps, last metrics). `evaluate`: what
+    `train.eval_after_each_stage` runs once the curriculum is done (the application passes `eval --stages`
+    without its own syncing or locks: training holds both), so that training needs no evaluation code."""
     if resume and force:
         raise TrainRefused("use either --resume or --force, not both")
     dataset, out = paths(cfg)
@@ -125,14 +117,20 @@ def run_train(cfg: Any, resume: bool, force: bool) -> dict[str, Any]:
     with _locks(cfg, dataset):
         store = _sync_down(cfg)
         publish = (lambda: store.push(last=MARKERS)) if store is not None and lead() else None
-        summary = _train_locked(cfg, dataset, out, resume, force, publish)
+        summary = _train_locked(cfg, dataset, out, resume, force, publish, evaluate)
         if publish is not None:
             publish()
     return summary
 
 
 def _train_locked(
-    cfg: Any, dataset: Path, out: Path, resume: bool, force: bool, publish: Callable[[], None] | None
+    cfg: Any,
+    dataset: Path,
+    out: Path,
+    resume: bool,
+    force: bool,
+    publish: Callable[[], None] | None,
+    evaluate: Callable[[], None] | None,
 ) -> dict[str, Any]:
     fingerprint = dataset_fingerprint(cfg)
     assert fingerprint is not None
@@ -143,7 +141,7 @@ def _train_locked(
         check_reference(cfg.train, dataset)
     evaluate_stages = cfg.train.eval_after_each_stage
     if evaluate_stages:
-        from mfpo_eval.evaluate import require_split
+        from mfpo_train.data import require_split
         from pipeline.errors import PipelineError
 
         try:
@@ -162,7 +160,7 @@ def _train_locked(
             publish()  # what prepare_output removed goes from the store too (markers first)
     if ray_workers:
         from mfpo_train.ray_train import launch
-        from mfpo_train.trainer import read_stage_records
+        from mfpo_train.records import read_stage_records
 
         launch(cfg.train, dataset, out, cfg.run.seed, plans, cfg.run.ray.address, cfg.run.ray.num_cpus)
         summary = read_stage_records(out)
@@ -174,10 +172,8 @@ def _train_locked(
         from mfpo_train.card import write_model_card
 
         write_model_card(out / "final", cfg, dataset, summary)
-        if evaluate_stages:
-            from mfpo_eval.command import run_eval
-
-            run_eval(cfg, None, None, stages=True, sync=False)  # the card gets the before/after table
+        if evaluate_stages and evaluate is not None:
+            evaluate()  # under this training's locks, before its upload: the card gets the before/after table
         if cfg.train.extra_arguments.get("push_to_hub"):
             from mfpo_train.trainer import push_model
 

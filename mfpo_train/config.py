@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from pipeline.registry import config_section
 from pipeline.stage import StrictModel
 from stages.common import ModelConfig
 
@@ -100,6 +101,7 @@ SPEED_ONLY = {
 SPEED_ONLY_PREFIXES = ("logging_", "save_", "eval_", "hub_", "dataloader_", "log_", "include_")
 
 
+@config_section("train", when_absent="none", problems=lambda cfg: argument_problems(cfg))
 class TrainConfig(StrictModel):
     # Any other key is passed to transformers.TrainingArguments (checked by `argument_problems`).
     model_config = ConfigDict(extra="allow", validate_default=True)

@@ -42,6 +42,19 @@ def check_columns(dataset_dir: Path) -> list[Path]:
     return files
 
 
+def require_split(dataset_dir: Path, split: str, key: str = "eval.split") -> None:
+    """Refuse, in one line and before any model loads, a split the dataset lacks or that holds no rows."""
+    present = splits(dataset_dir)
+    if split in present and sum(pq.read_metadata(f).num_rows for f in shard_files(dataset_dir, split)):
+        return
+    have = ", ".join(sorted(present)) or "none"
+    state = f"`{split}` split has no rows" if split in present else f"dataset has no `{split}` split"
+    raise PipelineError(
+        f"{key}: the {state} (splits: {have}); hold rows out with stages.write.splits "
+        "(e.g. {train: 0.95, test: 0.05}: a 5% split gets a row from about 20 distinct pictures up), or set eval.split"
+    )
+
+
 def read_reference(dataset_dir: Path) -> dict[str, Any] | None:
     """The score stage's record of its reference model, from the dataset's Parquet schema metadata."""
     files = check_columns(dataset_dir)

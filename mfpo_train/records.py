@@ -12,6 +12,9 @@ are complete, and what `train`, `train --resume` and `train --force` do with an 
       eval/                                 `eval --stages`: per model results, table and plot (removed with
                                             the weights it measured)
 
+Also here, for the trainer, `eval` and the application alike: where a configuration's dataset and training folder
+are (`locations`, `paths`), whether the dataset is the run's own, and which process writes (`lead`).
+
 A stage's fingerprint hashes the dataset's fingerprint, every training option that changes the weights
 and the fingerprint of the stage before it: changing an option or the data redoes that stage and every
 later one, never an earlier one.
@@ -20,6 +23,7 @@ later one, never an earlier one.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ from typing import Any
 
 from pipeline.determinism import stable_hash
 from pipeline.errors import PipelineError
-from pipeline.storage import write_json
+from pipeline.storage import local_folder, write_json
 
 COMMITTED = ".committed"
 
@@ -108,6 +112,35 @@ def changed(old: dict[str, Any], new: dict[str, Any]) -> str:
     if keys:
         return "; ".join(f"train.{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in keys[:3])
     return "an earlier stage changed"
+
+
+# ------------------------------------------------------------------------------ where training reads and writes
+def locations(cfg: Any) -> tuple[str, str]:
+    """(dataset, training output) as configured: local paths or object-store URIs."""
+    run = cfg.output_location.rstrip("/")
+    return cfg.train.dataset_dir or f"{run}/dataset", cfg.train.output_dir or f"{run}/train"
+
+
+def paths(cfg: Any) -> tuple[Path, Path]:
+    """(dataset folder, training output folder) on this machine: the folders themselves, or the local
+    mirrors of object-store locations."""
+    dataset, out = locations(cfg)
+    return local_folder(dataset), local_folder(out)
+
+
+def own_dataset(cfg: Any, dataset: Path) -> bool:
+    run_dataset = local_folder(f"{cfg.output_location.rstrip('/')}/dataset")
+    return dataset.resolve() == run_dataset.resolve() and "write" in cfg.stages
+
+
+def lead() -> bool:
+    """Whether this process is the launcher's rank 0 (torchrun, accelerate launch, Ray Train set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def read_stage_records(out: Path) -> dict[str, Any]:
+    """The summary of a finished run, from the stage records rank 0 wrote."""
+    return {"stages": [json.loads(p.read_text()) for p in sorted(out.glob("stage-*/stage.json"))]}
 
 
 def existing_stage_dirs(out: Path) -> list[Path]:

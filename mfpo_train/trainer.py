@@ -297,9 +297,7 @@ def is_lead() -> bool:
     """Whether this process writes shared files: always outside distributed training, else rank 0."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
-    from mfpo_train.command import lead
-
-    return lead()  # before the process group exists: the launcher's RANK
+    return records.lead()  # before the process group exists: the launcher's RANK
 
 
 def train(
@@ -495,8 +493,3 @@ def _load_weights(model: Any, folder: Path, cfg: TrainConfig) -> None:
         for f in sorted(folder.glob("*.safetensors")):
             state.update(load_file(str(f)))
         model.load_state_dict(state, strict=False)
-
-
-def read_stage_records(out: Path) -> dict[str, Any]:
-    """The summary of a finished run, from the stage records rank 0 wrote."""
-    return {"stages": [json.loads(p.read_text()) for p in sorted(out.glob("stage-*/stage.json"))]}

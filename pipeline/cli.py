@@ -149,7 +149,7 @@ def train(
         logger.addHandler(handler)
     _quiet_libraries(lead())
     try:
-        summary = run_train(cfg, resume=resume, force=force)
+        summary = run_train(cfg, resume=resume, force=force, evaluate=lambda: _eval_after_training(cfg))
     except TrainRefused as err:
         logger.debug("train refused: %s", err)  # the file only: the console gets the line below
         _say("refused", str(err))
@@ -177,6 +177,13 @@ def train(
             highlight=False,
         )
     Console().print(f"model saved to {out / 'final'}", highlight=False, soft_wrap=True)
+
+
+def _eval_after_training(cfg: Any) -> None:
+    """`train.eval_after_each_stage`: `eval --stages` inside the training's locks and object-store sync."""
+    from mfpo_eval.command import run_eval
+
+    run_eval(cfg, None, None, stages=True, sync=False)
 
 
 @app.command(name="eval")

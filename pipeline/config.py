@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
-from pipeline.registry import get_stage
+from pipeline.registry import config_sections, get_stage
 from pipeline.stage import StageConfig, StrictModel
 
 MAX_YAML_NODES = 100_000  # a real config has a few hundred; anchors expanding past this are an alias bomb
@@ -234,32 +234,22 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> PipelineConfig:
             problems.extend(_messages(err, stage_cls.Config, ("stages", name)))
     if not problems:
         problems.extend(_check_order(stages))
-    train = None
-    if top.train is not None:
-        from mfpo_train.config import TrainConfig, argument_problems  # the trainer itself loads on `train`
-
+    sections: dict[str, Any] = {}
+    registered = config_sections()  # train, push, eval: the application registers their models
+    for key in (k for k in _RawPipelineConfig.model_fields if k in registered):
+        section, body = registered[key], getattr(top, key)
+        if body is None and section.when_absent == "none":
+            continue
         try:
-            train = TrainConfig.model_validate(top.train)
-            problems.extend(argument_problems(train))
+            sections[key] = section.model.model_validate(body or {})
         except ValidationError as err:
-            problems.extend(_messages(err, TrainConfig, ("train",)))
-    from mfpo_publish.config import PushConfig  # pydantic only
-
-    push = None
-    try:
-        push = PushConfig.model_validate(top.push or {})
-    except ValidationError as err:
-        problems.extend(_messages(err, PushConfig, ("push",)))
-    from mfpo_eval.config import EvalConfig  # pydantic only
-
-    evaluation = None
-    try:
-        evaluation = EvalConfig.model_validate(top.eval or {})
-    except ValidationError as err:
-        problems.extend(_messages(err, EvalConfig, ("eval",)))
+            problems.extend(_messages(err, section.model, (key,)))
+            continue
+        if section.problems is not None:
+            problems.extend(section.problems(sections[key]))
     if problems:
         raise ConfigError(_format(origin, problems))
-    return PipelineConfig(run=top.run, stages=stages, train=train, push=push, eval=evaluation)
+    return PipelineConfig(run=top.run, stages=stages, **sections)
 
 
 def _check_order(stages: dict[str, StageConfig]) -> list[str]:

@@ -1,17 +1,21 @@
-"""Stages and run hooks registered by name.
+"""Stages, run hooks and configuration sections registered by name.
 
 Built-in stages live in the `stages` package; third-party packages add theirs through the
 `mfpo_pipeline.stages` entry-point group. Run hooks make end-of-run products (the dataset card and its
 pictures) once every stage is done; the built-in ones live in `mfpo_publish.hooks`, others come through
-the `mfpo_pipeline.run_hooks` group. The engine imports neither by name in code: it loads them here.
+the `mfpo_pipeline.run_hooks` group. Configuration sections (`train:`, `push:`, `eval:`) are the
+application's models of the config's other top-level keys: each registers with `config_section`, and the
+engine's config validates whatever is registered. The engine imports none of them by name in code: it loads
+them here.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 from pipeline.stage import Stage
@@ -19,8 +23,39 @@ from pipeline.stage import Stage
 _REGISTRY: dict[str, type[Stage]] = {}
 # name -> hook(config, output_dir, statuses): called at the end of `run`, under its lock and log.
 _RUN_HOOKS: dict[str, Callable[..., Any]] = {}
-_BUILTIN_MODULES = ("stages", "mfpo_publish.hooks")
+
+_BUILTIN_MODULES = ("stages", "mfpo_publish.hooks", "mfpo_train.config", "mfpo_publish.config", "mfpo_eval.config")
 _loaded = False
+
+
+@dataclass(frozen=True)
+class ConfigSection:
+    """A top-level config key's model. `when_absent`: `none` (the key is optional: `train:`) or `defaults`
+    (validated from `{}`: `push:`, `eval:`); `problems`: more checks of a valid value, as config problems."""
+
+    model: type[Any]
+    when_absent: Literal["none", "defaults"] = "defaults"
+    problems: Callable[[Any], list[str]] | None = None
+
+
+_SECTIONS: dict[str, ConfigSection] = {}
+
+
+def config_section(
+    name: str, when_absent: Literal["none", "defaults"] = "defaults", problems: Callable[[Any], list[str]] | None = None
+) -> Callable[[type[Any]], type[Any]]:
+    """Class decorator: the pydantic model of the config's top-level key `name` (one of `train`, `push`, `eval`)."""
+
+    def add(cls: type[Any]) -> type[Any]:
+        _SECTIONS[name] = ConfigSection(cls, when_absent, problems)
+        return cls
+
+    return add
+
+
+def config_sections() -> dict[str, ConfigSection]:
+    _load()
+    return dict(_SECTIONS)
 
 
 def register(cls: type[Stage]) -> type[Stage]:

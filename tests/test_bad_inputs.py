@@ -139,6 +139,7 @@ def test_odd_modes_converted_to_rgb(corpus):
     assert np.abs(rotated.astype(float) - expected).mean() < 12  # same picture, rotated (JPEG loss aside)
 
 
+@pytest.mark.slow
 def test_status_counts_quarantine(corpus):
     _, _, cfg = corpus
     proc = cli("status", str(cfg), "--json", check=True)

@@ -100,6 +100,7 @@ def test_yaml_is_loaded_safely(tmp_path: Path):
         load_config(cfg)
 
 
+@pytest.mark.slow
 def test_cli_fails_before_any_work(tmp_path: Path):
     src = write_source(tmp_path / "src", 2)
     out = tmp_path / "out"
@@ -114,6 +115,7 @@ def test_cli_fails_before_any_work(tmp_path: Path):
     assert proc.returncode == 2 and "config file not found" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_source_file_is_one_line_error(tmp_path: Path):
     cfg = write_config(tmp_path / "cfg.yaml", "does/not/exist.jsonl", tmp_path / "out")
     proc = cli("run", str(cfg))
@@ -140,6 +142,7 @@ def test_shipped_configs_validate():
     assert EvalConfig.model_validate(written) == EvalConfig()
 
 
+@pytest.mark.slow
 def test_eval_section_is_validated(tmp_path: Path):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "src.jsonl", tmp_path / "out")
     proc = cli("eval", str(cfg), "--set", "eval.pope.settings=[hardest]")
@@ -148,6 +151,7 @@ def test_eval_section_is_validated(tmp_path: Path):
     ), proc.stderr
 
 
+@pytest.mark.slow
 def test_push_options_are_validated_before_any_work(tmp_path: Path):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "src.jsonl", tmp_path / "out")
     proc = cli("push", str(cfg), "--repo-id", "not a repo")
@@ -158,6 +162,7 @@ def test_push_options_are_validated_before_any_work(tmp_path: Path):
     assert proc.returncode == 2 and "refused: stage ingest is pending" in proc.stderr
 
 
+@pytest.mark.slow
 def test_help_everywhere():
     for args in (["--help"], ["run", "--help"], ["status", "--help"], ["preview", "--help"], ["push", "--help"]):
         proc = cli(*args)

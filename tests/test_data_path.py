@@ -18,6 +18,8 @@ from helpers import SAMPLE_JSONL, alpha_bar, cli, quantised_moments, quarantine,
 
 from stages.common import decode_mask
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 T = 500
 
 

@@ -20,6 +20,8 @@ from pipeline.errors import PipelineError
 from pipeline.storage import RunLayout
 from stages.common import ModelConfig
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 
 def _blind(source: Path, target: Path) -> Path:
     """The same model with its projector's output zeroed: every image reaches the language model as zeros."""

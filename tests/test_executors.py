@@ -11,6 +11,8 @@ import pytest
 from helpers import SAMPLE_JSONL, cli, encode, grabcut_stages, quarantine, rlhfv_line, tree, write_config, write_source
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 # The final dataset of a small run: one file, however many processing shards made it.
 ONE_FILE = ["dataset/data/train-00000-of-00001.parquet"]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, SAMPLE_JSONL, cli, grabcut_stages, scored_stages, tree, write_config
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 # The weight-free data path on the bundled sample; GrabCut makes each shard take long enough to be caught.
 STAGES = grabcut_stages(SAMPLE_JSONL)
 

@@ -16,7 +16,10 @@ from stage_runner import build_stage
 from pipeline.errors import PipelineError
 
 PYTHON = Path(os.environ.get("MFPO_GROUNDINGDINO_PYTHON", REPO / ".venv-groundingdino" / "bin" / "python"))
-pytestmark = pytest.mark.skipif(not PYTHON.exists(), reason="no groundingdino-py environment: make groundingdino-env")
+pytestmark = [
+    pytest.mark.skipif(not PYTHON.exists(), reason="no groundingdino-py environment: make groundingdino-env"),
+    pytest.mark.slow,  # a worker process in an environment of its own
+]
 
 
 @pytest.fixture(scope="module")

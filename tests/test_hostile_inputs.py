@@ -343,6 +343,7 @@ def test_corpus_is_large_and_outcomes_are_declared():
     assert all(c.outcome in ("kept", "quarantined") and (c.outcome == "kept") != bool(c.reason) for c in CASES)
 
 
+@pytest.mark.slow
 def test_run_exits_zero_and_every_good_row_survives(run):
     assert run["proc"].returncode == 0, run["proc"].stderr[-3000:]
     rows = run["rows"]
@@ -418,6 +419,7 @@ def test_corpus_runs_fast(run):
 
 
 # ------------------------------------------------------------------------------------------ whole runs
+@pytest.mark.slow
 def test_all_quarantined_run_exits_1_naming_the_top_reasons(tmp_path: Path):
     """A Parquet source with the wrong column types and empty image bytes: nothing survives, so the run fails
     with one line naming the reasons (and the empty bytes never fell back to the file named beside them)."""
@@ -447,6 +449,7 @@ def test_all_quarantined_run_exits_1_naming_the_top_reasons(tmp_path: Path):
     assert all(r.startswith("image: empty bytes (0 bytes)") for r in reasons[5:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     ["empty file", "byte-order mark only", "one JSON array as JSONL", "Parquet without the text column"],
@@ -483,6 +486,7 @@ def test_a_run_with_no_rows_exits_1_with_the_documented_line_and_no_card(tmp_pat
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_broken_json_array_source_is_one_clear_error(tmp_path: Path):
     source = tmp_path / "rows.json"
     source.write_text('[{"image": "a.jpg", "question": "q", "chosen": "a", "rejected": "b"}, {"image": ')
@@ -518,6 +522,7 @@ def test_yaml_alias_bomb_is_refused_fast_and_small(tmp_path: Path):
     assert elapsed < 0.25 and peak < 8 * 2**20, (elapsed, peak)
 
 
+@pytest.mark.slow
 def test_yaml_alias_bomb_exits_2_from_the_command(tmp_path: Path):
     anchors = ["&a0 [" + ", ".join(["lol"] * 10) + "]"]
     anchors += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from helpers import cli, dataset_rows, encode, photo, quarantine, write_config, write_source
 from PIL import Image
 
@@ -17,6 +18,7 @@ def _msgs(role: str, text: str, image: bool = False) -> list[dict]:
     return [{"role": role, "content": content}]
 
 
+@pytest.mark.slow
 def test_trl_vision_preference_parquet(tmp_path: Path):
     imgs = [photo(40, 30, seed=i) for i in range(3)]
     ds = datasets.Dataset.from_dict(
@@ -62,6 +64,7 @@ def test_trl_vision_preference_parquet(tmp_path: Path):
     assert reasons == ["bad field: images has 2 images; MFPO rows need exactly one"]
 
 
+@pytest.mark.slow
 def test_rlaif_v_save_to_disk_with_image_feature(tmp_path: Path):
     jpgs = [encode(photo(48, 32, seed=i), quality=90) for i in range(4)]
     ds = datasets.Dataset.from_dict(
@@ -97,6 +100,7 @@ def test_rlaif_v_save_to_disk_with_image_feature(tmp_path: Path):
     assert rows[0]["source"] == {"dataset": "saved", "split": "train", "index": 0}
 
 
+@pytest.mark.slow
 def test_shuffle_limit_and_stable_ids(tmp_path: Path):
     src = write_source(tmp_path / "src", 12)
 
@@ -121,6 +125,7 @@ def test_shuffle_limit_and_stable_ids(tmp_path: Path):
     assert quarantine(out)["row-0"] == ["missing field: id column 'no_such_column'"]
 
 
+@pytest.mark.slow
 def test_content_hash_ids_survive_reordering(tmp_path: Path):
     src = write_source(tmp_path / "src", 6)
     lines = src.read_text().splitlines()
@@ -137,6 +142,7 @@ def test_content_hash_ids_survive_reordering(tmp_path: Path):
     assert got[0] == got[1] and all(v.startswith("h") for v in got[0].values())
 
 
+@pytest.mark.slow
 def test_paths_outside_the_source_folder_are_refused(tmp_path: Path):
     secret = tmp_path / "secret.png"
     secret.write_bytes(encode(photo(), "PNG"))
@@ -161,6 +167,7 @@ def test_paths_outside_the_source_folder_are_refused(tmp_path: Path):
     assert "is outside the image folder" in reasons[0]
 
 
+@pytest.mark.slow
 def test_decoded_image_matches_source_pixels(tmp_path: Path):
     src = write_source(tmp_path / "src", 1)
     out = tmp_path / "out"
@@ -170,6 +177,7 @@ def test_decoded_image_matches_source_pixels(tmp_path: Path):
     assert np.array_equal(np.asarray(row["images"][0]), np.asarray(original))
 
 
+@pytest.mark.slow
 def test_unknown_id_column_of_a_table_source_is_named(tmp_path: Path):
     ds = datasets.Dataset.from_dict(
         {"image": [{"bytes": encode(photo()), "path": None}], "question": ["q"], "chosen": ["c"], "rejected": ["r"]},

@@ -17,6 +17,8 @@ from cluster import cluster_env, ray_cluster, s3_keys, s3_objects, s3_server
 from helpers import CHECKPOINTED, CROSS_PROCESS_ATOL, cli, run_and_kill, tree
 from tiny_models import save_tiny_llava
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 BUCKET = "mfpo"
 # The shards and records a run commits: what must be byte-identical wherever the run wrote them.
 COMPARED = (".parquet", ".json")

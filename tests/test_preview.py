@@ -16,6 +16,8 @@ from PIL import Image
 from mfpo_publish.preview import RESAMPLE
 from stages.common import decode_mask
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def run(published: tuple[Path, Path]) -> tuple[Path, Path]:

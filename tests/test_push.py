@@ -21,6 +21,8 @@ import pytest
 from helpers import REPO, cli, dataset_rows
 from hub_server import HubServer
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 FAST = ["--set", "push.retry_wait=0.01"]
 
 

@@ -12,6 +12,8 @@ from helpers import REPO, SAMPLE_JSONL, cli
 from PIL import Image
 from tiny_models import save_tiny_llava
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -24,6 +24,8 @@ from hub_server import HubServer
 from PIL import Image, ImageOps
 from tiny_models import save_tiny_grounding_dino, save_tiny_inpaint_pipeline, save_tiny_llava, save_tiny_sam
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 RECIPE = REPO / "pipeline.yaml"
 MODELS = {  # repo id in the recipe -> the tiny model of its architecture served under it
     "IDEA-Research/grounding-dino-base": save_tiny_grounding_dino,

@@ -96,6 +96,7 @@ def test_parquet_folder_in_a_bucket_ingests_like_the_local_folder(s3, local, tmp
     assert remote == on_disk
 
 
+@pytest.mark.slow
 def test_missing_object_is_one_line(s3, tmp_path):
     sets = ["--set", f"run.output_dir={tmp_path / 'out'}", "--set", f"stages.ingest.source=s3://{BUCKET}/nope/x.jsonl"]
     proc = cli("run", "examples/quickstart.yaml", "--only", "ingest", "--set", "run.executor=local", *sets,

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import cli, dataset_rows, run_and_kill, tree, write_config, write_source
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 ROWS = 400
 
 

@@ -146,6 +146,7 @@ def test_buckets_are_thirds_by_rank_with_ties_broken_by_id():
     assert list(uneven.values()).count("a") == 3
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_score_and_bucket_through_the_pipeline(tmp_path: Path, llava: Path):
     stages = scored_stages(llava)

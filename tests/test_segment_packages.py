@@ -13,6 +13,8 @@ from stage_runner import run_stage
 
 from stages.common import decode_mask
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 
 def _rows() -> pa.Table:
     data = (SAMPLE_JSONL.parent / "images" / "chelsea.jpg").read_bytes()

@@ -117,6 +117,7 @@ def _parquet_parts(folder: Path, extra: list[dict[str, list]]) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_parquet_parts_with_different_extra_columns_are_read_as_their_union(tmp_path: Path):
     source = _parquet_parts(tmp_path / "data", [{"score": [1, 2]}, {"lang": ["en", "fr"]}])
     out = tmp_path / "out"
@@ -133,6 +134,7 @@ def test_parquet_parts_with_different_extra_columns_are_read_as_their_union(tmp_
     assert not quarantine(out)
 
 
+@pytest.mark.slow
 def test_parquet_parts_that_give_a_column_two_types_are_refused_naming_both_files(tmp_path: Path):
     source = _parquet_parts(tmp_path / "data", [{"score": [1, 2]}, {"score": ["high", "low"]}])
     proc = cli("run", str(write_config(tmp_path / "cfg.yaml", source, tmp_path / "out")))
@@ -142,6 +144,7 @@ def test_parquet_parts_that_give_a_column_two_types_are_refused_naming_both_file
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_output_folder_inside_the_source_folder_is_refused_before_anything_runs(tmp_path: Path):
     source = _parquet_parts(tmp_path / "data", [{}])
     out = source / "runs" / "first"
@@ -152,6 +155,7 @@ def test_an_output_folder_inside_the_source_folder_is_refused_before_anything_ru
     assert not out.exists() and not (source / "runs").exists()  # nothing was created, nothing was read
 
 
+@pytest.mark.slow
 def test_a_source_inside_the_output_folder_is_refused(tmp_path: Path):
     out = tmp_path / "out"
     source = write_source(out / "inputs", 3)

@@ -85,6 +85,7 @@ def test_files_are_sized_by_bytes_and_named_consistently(first):
     assert not any(n.endswith(".parquet") for n in tree(out / "dataset") if not n.startswith("data/"))
 
 
+@pytest.mark.slow
 def test_the_same_bytes_at_another_shard_size(first, tmp_path):
     _, out = first
     cfg = write_config(tmp_path / "cfg.yaml", SAMPLE_JSONL, tmp_path / "out", stages=_stages(), shard_size=3)
@@ -92,6 +93,7 @@ def test_the_same_bytes_at_another_shard_size(first, tmp_path):
     assert _data(tmp_path / "out") == _data(out)
 
 
+@pytest.mark.slow
 def test_a_crash_while_the_final_files_are_written_resumes_to_the_same_bytes(first, tmp_path, monkeypatch):
     """In-process: the third final file's write raises (as a kill would stop it), after two files were
     renamed into place and a temporary file was left half written; the next run keeps the plan, writes the
@@ -122,6 +124,7 @@ def test_a_crash_while_the_final_files_are_written_resumes_to_the_same_bytes(fir
     assert _data(tmp_path / "out") == _data(reference)
 
 
+@pytest.mark.slow
 def test_a_resumed_write_gives_the_same_files(first):
     cfg, out = first
     before = tree(out)
@@ -146,6 +149,7 @@ def test_load_dataset_sees_both_splits(first):
     assert not set(ds["train"]["sample_id"]) & set(ds["test"]["sample_id"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [1, 3, 12, 18])
 def test_a_split_with_no_rows_is_left_out_and_the_folder_loads(tmp_path, rows):
     from datasets import load_dataset
@@ -164,6 +168,7 @@ def test_a_split_with_no_rows_is_left_out_and_the_folder_loads(tmp_path, rows):
         assert "final files: test has no rows: left out of the files and the card" in proc.stderr
 
 
+@pytest.mark.slow
 def test_split_fractions_are_checked(tmp_path):
     for write, message in (
         ({"splits": {"train": 0.9, "test": 0.2}}, "add up to 1.1, not 1"),

@@ -11,6 +11,8 @@ import pytest
 from helpers import CROSS_PROCESS_ATOL, TRAIN, cli
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def run(trained: tuple[Path, Path]) -> tuple[Path, Path]:

@@ -21,6 +21,8 @@ from tiny_models import save_tiny_llava
 
 from pipeline.storage import RunLayout
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 
 def _cfg(trained: tuple[Path, Path]) -> Path:
     return trained[0].parent / "cfg.yaml"

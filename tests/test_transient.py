@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import chat_endpoint, cli, dataset_rows, quarantine, tree, write_config, write_source
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 
 class _Endpoint:
     """An OpenAI-compatible chat endpoint: replies a JSON list of objects; 503 for picture 3 while `failing`;

@@ -24,6 +24,8 @@ import yaml
 from helpers import REPO, SAMPLE_JSONL
 from tiny_models import save_tiny_llava
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
+
 PACKAGES = ("pipeline", "stages", "mfpo_train", "mfpo_publish", "mfpo_eval", "prompts")
 
 

@@ -1,0 +1,72 @@
+"""The floors of the code are enforced: `lint-imports` (run by `make lint`) keeps the contracts in
+pyproject.toml, and an import that goes up a floor breaks it, naming the contract and the import. The fast tier
+(`make test-fast`) holds no test that runs the command or starts Ray."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+PACKAGES = ("pipeline", "stages", "mfpo_train", "mfpo_eval", "mfpo_publish")
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(root)}  # the packages under `root` come first
+    lint = Path(sys.executable).with_name("lint-imports")
+    command = [str(lint), "--config", str(REPO / "pyproject.toml"), "--no-cache"]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _copy(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    return root
+
+
+def test_the_tree_keeps_every_contract(tmp_path):
+    proc = _lint_imports(_copy(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout
+
+
+def test_an_upward_import_breaks_the_lint(tmp_path):
+    root = _copy(tmp_path)
+    runner = root / "pipeline" / "runner.py"
+    runner.write_text(runner.read_text() + "\n\nfrom mfpo_train.trainer import train  # noqa: E402\n")
+    proc = _lint_imports(root)
+    assert proc.returncode != 0
+    assert "the engine imports no stage and no application package BROKEN" in proc.stdout
+    assert "pipeline.runner -> mfpo_train.trainer" in proc.stdout
+
+
+@pytest.mark.slow  # runs make and a pytest collection in subprocesses
+def test_the_fast_tier_leaves_out_the_command_ray_and_slow_tests():
+    """`make test-fast` selects the tests not marked slow, and none of them runs the command in a subprocess or
+    starts Ray: a new test that does is caught here until it is marked."""
+    dry = subprocess.run(["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    pytest_line = next(line for line in dry.stdout.splitlines() if "-m pytest" in line)
+    assert '-m "not slow"' in pytest_line
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+    proc = subprocess.run(collect, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    selected = {line.split("[")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert len(selected) >= 50  # test functions (185 tests with their parameters, measured)
+    offending = []
+    for nodeid in sorted(selected):
+        path, name = nodeid.split("::")
+        source = (REPO / path).read_text()
+        function = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+        body = ast.get_source_segment(source, function) or ""
+        if re.search(r"\bcli\(|run_and_kill|subprocess\.|executor=\"ray\"|\"executor\": \"ray\"|ray\.init", body):
+            offending.append(nodeid)
+    assert offending == [], "mark these @pytest.mark.slow: " + ", ".join(offending)
