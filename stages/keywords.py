@@ -109,20 +109,19 @@ class Mention:
 
 
 def spacy_pipeline_version(name: str) -> str | None:
-    """The installed spaCy pipeline's `name-version` from its meta.json (a package or a folder), or None."""
-    from importlib import util
-
-    folder = Path(name)
-    if not folder.is_dir():
-        spec = util.find_spec(name) if name.isidentifier() else None
-        if spec is None or spec.origin is None:
-            return None
-        folder = Path(spec.origin).parent
-    metas = sorted(folder.glob("*/meta.json")) if not (folder / "meta.json").exists() else [folder / "meta.json"]
-    if not metas:
+    """The spaCy pipeline's `lang_name-version` (a pipeline folder's meta.json, or an installed package's
+    version), or None when neither is there."""
+    try:
+        from spacy import util
+    except ImportError:  # check() names the install line
         return None
-    meta = json.loads(metas[-1].read_text(encoding="utf-8"))
-    return f"{meta.get('lang', '')}_{meta.get('name', '')}-{meta.get('version', '')}"
+    folder = Path(name)
+    if (folder / "meta.json").is_file():
+        meta = util.get_model_meta(folder)
+        return f"{meta['lang']}_{meta['name']}-{meta['version']}"
+    if util.is_package(name):
+        return f"{name}-{util.get_package_version(name)}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ lexicon

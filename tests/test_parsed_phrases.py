@@ -5,6 +5,7 @@ loaded by path) runs through the stage with that ranking."""
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,11 +93,16 @@ def lexicon_stage():
     return build_stage("keywords", {})  # the default backend: its lexicon's multi-word names and objects
 
 
+@cache
+def _vocab():
+    return spacy.blank("en").vocab  # English: its noun-chunk rules
+
+
 def _doc(text: str):
     from spacy.tokens import Doc
 
     words, pos, heads, deps = PARSES[text]
-    return Doc(spacy.blank("en").vocab, words=words.split(), pos=pos.split(), heads=heads, deps=deps.split())
+    return Doc(_vocab(), words=words.split(), pos=pos.split(), heads=heads, deps=deps.split())
 
 
 def _fields(phrases):
@@ -146,7 +152,9 @@ def test_the_spacy_backend_runs_the_pair_ranking_on_a_pipeline_folder(tmp_path):
             "rejected": [p[2] for p in PAIRS],
         }
     )
-    pair = build_stage("keywords", {"backend": "spacy", "spacy_model": str(pipeline)}).process_batch(rows)
+    stage = build_stage("keywords", {"backend": "spacy", "spacy_model": str(pipeline)})
+    assert stage.fingerprint_extra()["spacy"] == {"pipeline": "en_pipeline-0.0.0", "phrases": 2}
+    pair = stage.process_batch(rows)
     assert pair.rejected == []
     out = pair.table.to_pylist()
     assert len(out) == len(PAIRS)
