@@ -11,7 +11,7 @@ so every stage runs: ingest, keywords (lexicon), ground (annotations), segment (
 reversed box (quarantined at ground), so quarantine shards are written too. Ray: embedded local cluster,
 `run.ray.num_cpus: 2`. Each uninterrupted run takes 1-1.5 minutes; each point 0.5 to 1.5 minutes.
 
-The pipeline's code (pipeline/, stages/, mfpo_publish/, mfpo_train/, prompts/) is copied once at the start and
+The pipeline's code (pipeline/, stages/, mfpo/, prompts/) is copied once at the start and
 every run uses the copy (PYTHONPATH), so edits to the working tree during the benchmark cannot make the
 reference and a resumed run differ.
 
@@ -228,7 +228,7 @@ def make_stages(source: Path, model: Path) -> dict[str, Any]:
     }
 
 
-CODE = ("pipeline", "stages", "mfpo_publish", "mfpo_train", "prompts")
+CODE = ("pipeline", "stages", "mfpo", "prompts")
 # How long processes that survive the group kill (Ray workers: each runs in a process group of its own, in the
 # driver's session) may take to exit by themselves once their raylet is gone, before they are killed by pid.
 SURVIVOR_WAIT_S = 30.0

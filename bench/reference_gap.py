@@ -51,10 +51,10 @@ def gaps(dataset: Path, model: Path, precision: str, autocast: bool) -> list[flo
     import pyarrow.parquet as pq
     import torch
 
-    from mfpo_train.config import TrainConfig
-    from mfpo_train.data import MFPOCollator
-    from mfpo_train.trainer import build_policy
-    from stages.vlm import answer_logps
+    from mfpo.train.config import TrainConfig
+    from mfpo.train.data import MFPOCollator
+    from mfpo.train.trainer import build_policy
+    from mfpo.vlm import answer_logps
 
     cfg = TrainConfig.model_validate({"model": {"model": str(model), "precision": precision}})
     policy, processor, dtype = build_policy(cfg, cfg.model)

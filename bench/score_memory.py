@@ -13,7 +13,7 @@ vocabulary) scores, through the score stage's own `process_batch` (fp32, CPU, on
 - three rows in one batch (`--batches 3`), the first as above and two with short answers: the stage's usual
   case, where the long sequence is padded together with short ones.
 
-Each in a fresh process, for the current scoring (`stages.vlm.answer_scores`: the decoder, then the head over
+Each in a fresh process, for the current scoring (`mfpo.vlm.answer_scores`: the decoder, then the head over
 `ANSWER_CHUNK` answer positions at a time, a right-padded batch without its attention mask) and for the former
 one (the model's full forward, `log_softmax` over the whole answer span; put back in that process in place of
 `answer_scores`). Per run: peak RSS (`ru_maxrss`: the kernel's high-water mark, nothing missed between
@@ -46,7 +46,7 @@ def former_answer_scores(model: Any, examples: list[Any], batch: dict[str, Any])
     """`answer_scores` before the chunked head: full [B, L, V] logits, float32 log-softmax over each answer span."""
     import torch
 
-    from stages.vlm import answer_spans
+    from mfpo.vlm import answer_spans
 
     logits, input_ids = model(**batch).logits, batch["input_ids"]
     logps, entropies = [], []

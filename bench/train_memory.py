@@ -34,8 +34,8 @@ def make_dataset(folder: Path, rows: int, model: Path) -> Path:
     from PIL import Image
     from transformers import AutoProcessor
 
-    from stages.common import ModelConfig
-    from stages.vlm import REFERENCE_KEY, reference_record
+    from mfpo.models import ModelConfig
+    from mfpo.vlm import REFERENCE_KEY, reference_record
 
     rng = np.random.default_rng(0)
     record = reference_record(ModelConfig(model=str(model)), AutoProcessor.from_pretrained(model), "float32", None)
@@ -125,8 +125,8 @@ def measure(code: str) -> dict[str, float]:
 TRAIN = """
 import sys; sys.path.insert(0, {tests!r})
 from pathlib import Path
-from mfpo_train.command import train_folder
-from mfpo_train.config import TrainConfig
+from mfpo.train.command import train_folder
+from mfpo.train.config import TrainConfig
 cfg = TrainConfig.model_validate({{"model": {{"model": {model!r}}}, "finetune": "lora",
     "lora": {{"r": 4, "alpha": 8, "dropout": 0.0}}, "per_device_train_batch_size": 16,
     "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "logging_steps": 1000, "save_steps": 100000,

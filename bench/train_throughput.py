@@ -159,7 +159,7 @@ def with_reference(model: Any, collator: Any, data: list[dict[str, Any]]) -> dic
     `data`; returns token counts of the sequences."""
     import torch
 
-    from stages.vlm import answer_logps
+    from mfpo.vlm import answer_logps
 
     prompts, answers = [], []
     model.eval()
@@ -202,10 +202,10 @@ def main() -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
-    from mfpo_train.config import TrainConfig
-    from mfpo_train.data import MFPOCollator, RowsDataset
-    from mfpo_train.loss import LossWeights
-    from mfpo_train.trainer import MFPOTrainer, build_policy, training_arguments
+    from mfpo.loss import LossWeights
+    from mfpo.train.config import TrainConfig
+    from mfpo.train.data import MFPOCollator, RowsDataset
+    from mfpo.train.trainer import MFPOTrainer, build_policy, training_arguments
 
     datasets.disable_progress_bars()
     if args.threads:

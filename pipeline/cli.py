@@ -102,7 +102,7 @@ def status(
         statuses = Runner(cfg).status()
         training = []
         if cfg.train is not None:
-            from mfpo_train.command import train_status
+            from mfpo.train.command import train_status
 
             training = train_status(cfg)
     except PipelineError as err:
@@ -134,8 +134,8 @@ def train(
     if cfg.train is None:
         _say("config error", "no `train:` section in the config (see pipeline.yaml)")
         raise typer.Exit(2)
-    from mfpo_train.command import lead, paths, run_train, upload_log
-    from mfpo_train.records import TrainRefused
+    from mfpo.train.command import lead, paths, run_train, upload_log
+    from mfpo.train.records import TrainRefused
 
     _, out = paths(cfg)
     logger = logging.getLogger("mfpo")
@@ -181,7 +181,7 @@ def train(
 
 def _eval_after_training(cfg: Any) -> None:
     """`train.eval_after_each_stage`: `eval --stages` inside the training's locks and object-store sync."""
-    from mfpo_eval.command import run_eval
+    from mfpo.eval.command import run_eval
 
     run_eval(cfg, None, None, stages=True, sync=False)
 
@@ -200,7 +200,7 @@ def evaluate(
 ) -> None:
     """Does the model look at the image? Preference accuracies, an image-sensitivity probe and POPE questions."""
     cfg = _load(config, overrides)
-    from mfpo_eval.command import run_eval
+    from mfpo.eval.command import run_eval
 
     _console_logging()
     _quiet_libraries(True)
@@ -267,7 +267,7 @@ def preview(
     cfg = _load(config, overrides)
     folder = Path(out) if out else cfg.output_dir / "preview"
     try:
-        from mfpo_publish.preview import write_preview
+        from mfpo.publish.preview import write_preview
 
         write = cfg.stages.get("write")
         with Store(cfg.output_location).local_view(HOOK_INPUTS) as run_folder:
@@ -310,9 +310,9 @@ def push(
 ) -> None:
     """Upload the finished dataset, its card, preview and plots to the Hugging Face Hub."""
     cfg = _load(config, overrides)
-    from mfpo_publish.config import PushConfig
-    from mfpo_publish.hub import PushRefused
-    from mfpo_publish.hub import push as run_push
+    from mfpo.publish.config import PushConfig
+    from mfpo.publish.hub import PushRefused
+    from mfpo.publish.hub import push as run_push
 
     given = {"repo_id": repo_id, "revision": revision, "message": message}
     update = {k: v for k, v in given.items() if v is not None}

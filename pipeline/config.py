@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 from pipeline.registry import config_sections, get_stage
-from pipeline.stage import StageConfig, StrictModel
+from pipeline.stage import StageConfig
+from pipeline.strict import StrictModel
 
 MAX_YAML_NODES = 100_000  # a real config has a few hundred; anchors expanding past this are an alias bomb
 _SHOWN = reprlib.Repr()  # "got ..." in messages: bounded, whatever size the bad value has
@@ -84,9 +85,9 @@ class PipelineConfig:
     run: RunConfig
     stages: dict[str, StageConfig]  # in execution order
     source_path: Path | None = None
-    train: Any = None  # mfpo_train.config.TrainConfig when the config has a `train:` section
-    push: Any = None  # mfpo_publish.config.PushConfig (defaults when the config has no `push:` section)
-    eval: Any = None  # mfpo_eval.config.EvalConfig (defaults when the config has no `eval:` section)
+    train: Any = None  # mfpo.train.config.TrainConfig when the config has a `train:` section
+    push: Any = None  # mfpo.publish.config.PushConfig (defaults when the config has no `push:` section)
+    eval: Any = None  # mfpo.eval.config.EvalConfig (defaults when the config has no `eval:` section)
 
     @property
     def output_location(self) -> str:

@@ -2,7 +2,7 @@
 
 Built-in stages live in the `stages` package; third-party packages add theirs through the
 `mfpo_pipeline.stages` entry-point group. Run hooks make end-of-run products (the dataset card and its
-pictures) once every stage is done; the built-in ones live in `mfpo_publish.hooks`, others come through
+pictures) once every stage is done; the built-in ones live in `mfpo.publish.hooks`, others come through
 the `mfpo_pipeline.run_hooks` group. Configuration sections (`train:`, `push:`, `eval:`) are the
 application's models of the config's other top-level keys: each registers with `config_section`, and the
 engine's config validates whatever is registered. The engine imports none of them by name in code: it loads
@@ -24,7 +24,7 @@ _REGISTRY: dict[str, type[Stage]] = {}
 # name -> hook(config, output_dir, statuses): called at the end of `run`, under its lock and log.
 _RUN_HOOKS: dict[str, Callable[..., Any]] = {}
 
-_BUILTIN_MODULES = ("stages", "mfpo_publish.hooks", "mfpo_train.config", "mfpo_publish.config", "mfpo_eval.config")
+_BUILTIN_MODULES = ("stages", "mfpo.publish.hooks", "mfpo.train.config", "mfpo.publish.config", "mfpo.eval.config")
 _loaded = False
 
 

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from pipeline.determinism import row_rng
 from pipeline.errors import RowError
+from pipeline.strict import StrictModel  # re-exported: stages and sections import it from here
 
 if TYPE_CHECKING:
     from pipeline.compact import FinalFiles
@@ -33,12 +34,6 @@ PROVENANCE_PREFIX = b"mfpo."
 # Set in a worker the executor started without the GPUs its stages asked for, after telling the user once for
 # the run: a stage need not repeat that it runs on CPU.
 NO_GPU_REPORTED = "MFPO_NO_GPU_REPORTED"
-
-
-class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors (reported with a did-you-mean)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class ResourcesConfig(StrictModel):

@@ -29,21 +29,14 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from mfpo.masks import clip_box
+from mfpo.models import ModelConfig, loading, select_dtype
 from pipeline.errors import PipelineError, RowError
 from pipeline.images import decode_rgb
 from pipeline.registry import register
-from pipeline.stage import BatchResult, Rejection, Stage, StageConfig, StrictModel
-from stages.common import (
-    BOXES_TYPE,
-    FLOATS_TYPE,
-    STRINGS_TYPE,
-    ModelConfig,
-    clip_box,
-    loading,
-    meta_field,
-    select_device,
-    select_dtype,
-)
+from pipeline.stage import BatchResult, Rejection, Stage, StageConfig
+from pipeline.strict import StrictModel
+from stages.common import BOXES_TYPE, FLOATS_TYPE, STRINGS_TYPE, meta_field, select_device
 from stages.keywords import LEXICON_PATH, head_object, load_lexicon
 
 

@@ -36,7 +36,7 @@ Hostile input is a quarantined row with a `kind: details` reason, never a failed
 - chosen and rejected answers that are identical after that and whitespace normalisation are not a preference
   pair;
 - `<image>` at the start or end of a question is the LLaVA convention's image marker and is dropped; any other
-  special token's text is kept, and tokenised as text by the model helpers (stages.vlm);
+  special token's text is kept, and tokenised as text by the model helpers (mfpo.vlm);
 - every planned row carries a digest of what was read; a worker that reads another row (the source changed
   after planning) stops the run;
 - Parquet parts with different extra columns are read as the union of their columns.
@@ -58,8 +58,9 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.errors import PipelineError, RowError
 from pipeline.images import DEFAULT_FORMATS, ImageLimits, validate_image
 from pipeline.registry import register
-from pipeline.stage import IMAGE_TYPE, BatchResult, Rejection, SourceStage, StageConfig, StrictModel, describe_value
+from pipeline.stage import IMAGE_TYPE, BatchResult, Rejection, SourceStage, StageConfig, describe_value
 from pipeline.storage import file_sha256, is_uri, local_path
+from pipeline.strict import StrictModel
 from stages.ingest_rows import CONTROL, canonical_bytes, inline_bytes, normalise_fields, reader_view, without_invisible
 from stages.ingest_sources import (
     DatasetsSource,
@@ -79,7 +80,7 @@ _CONSUMED = {
     "trl": {"images", "prompt", "chosen", "rejected"},
 }
 # The LLaVA convention: the human turn begins (or ends) with the image's own marker. The row has one image, so
-# the marker is dropped; any other `<image>` is text, which the model helpers tokenise as text (stages.vlm).
+# the marker is dropped; any other `<image>` is text, which the model helpers tokenise as text (mfpo.vlm).
 _NOTES_KEY = "_ingest"  # meta key of what ingest changed in the text fields (reserved)
 _IMAGE_MARKER = re.compile(r"^\s*<image>\s*|\s*<image>\s*$")
 SOURCE_TYPE = pa.struct([("dataset", pa.string()), ("split", pa.string()), ("index", pa.int64())])

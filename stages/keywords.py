@@ -37,10 +37,12 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field
 
+from mfpo.models import missing_model_dir
 from pipeline.errors import PipelineError, RowError
 from pipeline.registry import register
-from pipeline.stage import RowStage, StageConfig, StrictModel
-from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_model_dir, missing_package, require
+from pipeline.stage import RowStage, StageConfig
+from pipeline.strict import StrictModel
+from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_package, require
 from stages.key_objects import Phrase, Weights, rank_pair, singular
 from stages.llm import LlmClient, LlmConfig, load_template
 from stages.parsed_phrases import parsed_phrases

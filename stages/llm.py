@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from mfpo.text import TEXT_SLOT, UnencodableText, around_slot, special_strings, text_ids
 from pipeline.errors import PipelineError, RowError
-from pipeline.stage import StrictModel
-from stages.common import TEXT_SLOT, UnencodableText, around_slot, special_strings, text_ids
+from pipeline.strict import StrictModel
 
 
 class LlmConfig(StrictModel):

@@ -25,12 +25,9 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.errors import first_line
-from pipeline.images import decode_rgb
-from pipeline.registry import register
-from pipeline.stage import BatchResult, Rejection, Stage, StageConfig
-from stages.common import ModelConfig, UnencodableText, loading, select_device, select_dtype
-from stages.vlm import (
+from mfpo.models import ModelConfig, loading, select_dtype
+from mfpo.text import UnencodableText
+from mfpo.vlm import (
     REFERENCE_KEY,
     Example,
     answer_scores,
@@ -40,6 +37,11 @@ from stages.vlm import (
     reference_record,
     with_answer,
 )
+from pipeline.errors import first_line
+from pipeline.images import decode_rgb
+from pipeline.registry import register
+from pipeline.stage import BatchResult, Rejection, Stage, StageConfig
+from stages.common import select_device
 
 
 class ScoreConfig(StageConfig):

@@ -22,22 +22,14 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from mfpo.masks import box_mask, encode_mask
+from mfpo.models import ModelConfig, loading, select_dtype
 from pipeline.errors import PipelineError
 from pipeline.images import decode_rgb
 from pipeline.registry import register
-from pipeline.stage import BatchResult, Stage, StageConfig, StrictModel
-from stages.common import (
-    FLOATS_TYPE,
-    MASK_TYPE,
-    ModelConfig,
-    box_mask,
-    encode_mask,
-    loading,
-    missing_package,
-    require,
-    select_device,
-    select_dtype,
-)
+from pipeline.stage import BatchResult, Stage, StageConfig
+from pipeline.strict import StrictModel
+from stages.common import FLOATS_TYPE, MASK_TYPE, missing_package, require, select_device
 
 
 class GrabCutConfig(StrictModel):

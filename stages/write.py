@@ -8,7 +8,7 @@ file, and a split with no rows has none. The files carry the Hugging Face `datas
 vision-preference ones (`images`, conversational `prompt`/`chosen`/`rejected`), the plain texts
 (`question`, `chosen_text`, `rejected_text`) and every other column earlier stages produced. Image
 columns (stored as datasets Image structs by the stages) become Image features. The dataset card and
-its pictures are made at the end of the run, from the finished shards (mfpo_publish).
+its pictures are made at the end of the run, from the finished shards (mfpo.publish).
 
 `splits: {train: 0.95, test: 0.05}` holds rows out by *picture*: a row's split is fixed by a hash of its
 image's decoded pixels (`image_id`, a column of the dataset), so several questions about one picture land in

@@ -1,4 +1,4 @@
-"""Test helpers around the project's dataset contract (mfpo_publish.contract): every row, fully checked."""
+"""Test helpers around the project's dataset contract (mfpo.publish.contract): every row, fully checked."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from mfpo_publish.contract import check_dataset, image_rgb, shard_files
+from mfpo.publish.contract import check_dataset, image_rgb, shard_files
 
 _rgb = image_rgb
 

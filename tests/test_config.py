@@ -129,13 +129,13 @@ def test_shipped_configs_validate():
         load_config(REPO / name)
     # pipeline.yaml documents every push key with its default.
     documented = load_config(REPO / "pipeline.yaml").push.model_dump()
-    from mfpo_publish.config import PushConfig
+    from mfpo.publish.config import PushConfig
 
     assert set(documented) == set(PushConfig.model_fields)
     # ... and every eval key, with its default.
     import yaml
 
-    from mfpo_eval.config import EvalConfig
+    from mfpo.eval.config import EvalConfig
 
     written = yaml.safe_load((REPO / "pipeline.yaml").read_text())["eval"]
     assert set(written) == set(EvalConfig.model_fields)

@@ -16,7 +16,7 @@ import yaml
 from contract import _rgb, check
 from helpers import SAMPLE_JSONL, alpha_bar, cli, quantised_moments, quarantine, write_config
 
-from stages.common import decode_mask
+from mfpo.masks import decode_mask
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
 

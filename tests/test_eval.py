@@ -12,13 +12,13 @@ import pytest
 import torch
 from helpers import SAMPLE_JSONL, chat_endpoint, cli
 
-from mfpo_eval.command import run_eval
-from mfpo_eval.config import EvalConfig
-from mfpo_eval.evaluate import evaluate
+from mfpo.eval.command import run_eval
+from mfpo.eval.config import EvalConfig
+from mfpo.eval.evaluate import evaluate
+from mfpo.models import ModelConfig
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.storage import RunLayout
-from stages.common import ModelConfig
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
 

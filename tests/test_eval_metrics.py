@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mfpo_eval.metrics import pope_metrics, pope_questions, preference_metrics, sensitivity_metrics
+from mfpo.eval.metrics import pope_metrics, pope_questions, preference_metrics, sensitivity_metrics
 
 
 def test_pope_metrics_equal_hand_computed_values():
@@ -72,7 +72,7 @@ def test_pope_asks_per_picture_and_never_denies_an_object_a_sibling_row_grounded
     the picture's rows, a negative is never one of them, and each picture is asked once (on its first row)."""
     import datasets
 
-    from mfpo_eval.evaluate import image_questions
+    from mfpo.eval.evaluate import image_questions
 
     ds = datasets.Dataset.from_dict(
         {

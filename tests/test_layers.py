@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-PACKAGES = ("pipeline", "stages", "mfpo_train", "mfpo_eval", "mfpo_publish")
+PACKAGES = ("pipeline", "stages", "mfpo")
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
@@ -41,11 +41,36 @@ def test_the_tree_keeps_every_contract(tmp_path):
 def test_an_upward_import_breaks_the_lint(tmp_path):
     root = _copy(tmp_path)
     runner = root / "pipeline" / "runner.py"
-    runner.write_text(runner.read_text() + "\n\nfrom mfpo_train.trainer import train  # noqa: E402\n")
+    runner.write_text(runner.read_text() + "\n\nfrom mfpo.train.trainer import train  # noqa: E402\n")
     proc = _lint_imports(root)
     assert proc.returncode != 0
-    assert "the engine imports no stage and no application package BROKEN" in proc.stdout
-    assert "pipeline.runner -> mfpo_train.trainer" in proc.stdout
+    assert "the engine imports no stage, no method and no application package BROKEN" in proc.stdout
+    assert "pipeline.runner -> mfpo.train.trainer" in proc.stdout
+
+
+def test_the_method_importing_a_stage_breaks_the_lint(tmp_path):
+    root = _copy(tmp_path)
+    vlm = root / "mfpo" / "vlm.py"
+    vlm.write_text(vlm.read_text() + "\n\nfrom stages.common import meta_field  # noqa: E402\n")
+    proc = _lint_imports(root)
+    assert proc.returncode != 0
+    assert "the method imports neither the engine nor the stages nor an application BROKEN" in proc.stdout
+    assert "mfpo.vlm -> stages.common" in proc.stdout
+
+
+def test_the_old_import_paths_work_and_the_moved_one_says_where_to():
+    """Stages written against `stages.common` keep working; `stages.vlm` (moved to `mfpo.vlm`) works and warns."""
+    import mfpo.masks
+    import mfpo.models
+    import mfpo.vlm
+    import stages.common
+
+    assert stages.common.encode_mask is mfpo.masks.encode_mask
+    assert stages.common.ModelConfig is mfpo.models.ModelConfig
+    sys.modules.pop("stages.vlm", None)
+    with pytest.warns(DeprecationWarning, match=r"stages\.vlm moved to mfpo\.vlm"):
+        import stages.vlm
+    assert stages.vlm.answer_logps is mfpo.vlm.answer_logps and stages.vlm.build_prompt is mfpo.vlm.build_prompt
 
 
 @pytest.mark.slow  # runs make and a pytest collection in subprocesses

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mfpo_train.loss import LossWeights, mfpo_loss
+from mfpo.loss import LossWeights, mfpo_loss
 
 
 def softplus(x: float) -> float:  # -log sigmoid(x) = log(1 + e^-x)

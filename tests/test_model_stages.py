@@ -19,7 +19,7 @@ from tiny_models import (
     save_tiny_sam2,
 )
 
-from stages.common import decode_mask
+from mfpo.masks import decode_mask
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
 
@@ -93,7 +93,7 @@ def test_sam_masks_per_box_and_union(models, which: str):
 
 
 def test_inpaint_changes_only_the_mask(models, capsys: pytest.CaptureFixture[str]):
-    from stages.common import encode_mask
+    from mfpo.masks import encode_mask
 
     rows = _photos(2)
     h, w = _rgb(rows.column("image")[0].as_py()).shape[:2]

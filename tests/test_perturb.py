@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import alpha_bar, quantised_moments
 
-from stages.perturb import NoiseConfig, composite, diffusion_noise, random_region, soften
+from mfpo.noise import NoiseConfig, composite, diffusion_noise, random_region, soften
 
 
 @pytest.mark.parametrize(("t", "gray"), [(100, 128), (500, 128), (500, 40), (900, 200)])

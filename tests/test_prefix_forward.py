@@ -1,4 +1,4 @@
-"""The prefix-shared MFPO forward (mfpo_train/prefix.py) on a tiny random-weight LLaVA loaded through the trainer's
+"""The prefix-shared MFPO forward (mfpo/train/prefix.py) on a tiny random-weight LLaVA loaded through the trainer's
 own loading code: the same answer log-probs and the same gradients of every trainable parameter as the
 concatenated forward, on a batch with answers of different lengths, prompts of different lengths and a row
 without a dispreferred image; `prefix_sharing: false` runs the concatenated forward; models it cannot serve fall
@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 from tiny_models import save_tiny_llava, save_tiny_qwen2_vl
 
-from mfpo_train.config import TrainConfig
-from mfpo_train.data import MFPOCollator
-from mfpo_train.loss import LossWeights, mfpo_loss
-from mfpo_train.prefix import PrefixSharingUnsupported, prefix_problem, resolve, shared_prefix_logps
-from mfpo_train.trainer import MFPOTrainer, build_policy, training_arguments
+from mfpo.loss import LossWeights, mfpo_loss
+from mfpo.train.config import TrainConfig
+from mfpo.train.data import MFPOCollator
+from mfpo.train.prefix import PrefixSharingUnsupported, prefix_problem, resolve, shared_prefix_logps
+from mfpo.train.trainer import MFPOTrainer, build_policy, training_arguments
+from mfpo.vlm import answer_logps
 from pipeline.images import encode_png
-from stages.vlm import answer_logps
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}  # vision tower and LM
 

@@ -13,8 +13,8 @@ import pytest
 from helpers import cli, dataset_rows
 from PIL import Image
 
-from mfpo_publish.preview import RESAMPLE
-from stages.common import decode_mask
+from mfpo.masks import decode_mask
+from mfpo.publish.preview import RESAMPLE
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
 

@@ -101,7 +101,7 @@ def test_chunked_scores_equal_full_logits(arch: str, request: pytest.FixtureRequ
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from stages import vlm
+    from mfpo import vlm
 
     path = request.getfixturevalue(arch)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.common import box_mask, clip_box, decode_mask, encode_mask
+from mfpo.masks import box_mask, clip_box, decode_mask, encode_mask
 from stages.segment import GrabCutConfig, grabcut
 
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import SAMPLE_JSONL
 from stage_runner import run_stage
 
-from stages.common import decode_mask
+from mfpo.masks import decode_mask
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
 

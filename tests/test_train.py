@@ -64,10 +64,10 @@ def test_image_preference_is_learned(run, tmp_path: Path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mfpo_train.command import train_folder
-    from mfpo_train.config import TrainConfig
+    from mfpo.train.command import train_folder
+    from mfpo.train.config import TrainConfig
+    from mfpo.vlm import answer_logps, answer_spans, build_example, collate
     from pipeline.images import decode_rgb
-    from stages.vlm import answer_logps, answer_spans, build_example, collate
 
     out, _ = run
     base = str(out.parent / "tiny-llava")
@@ -147,8 +147,8 @@ def test_the_same_trainer_runs_qwen2_vl(run, tmp_path: Path):
     the default adapters landing on its language model."""
     from tiny_models import save_tiny_qwen2_vl
 
-    from mfpo_train.command import train_folder
-    from mfpo_train.config import TrainConfig
+    from mfpo.train.command import train_folder
+    from mfpo.train.config import TrainConfig
 
     out, _ = run
     qwen = save_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
@@ -173,8 +173,8 @@ def test_full_finetune_with_gradient_checkpointing(run, tmp_path: Path):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from mfpo_train.command import train_folder
-    from mfpo_train.config import TrainConfig
+    from mfpo.train.command import train_folder
+    from mfpo.train.config import TrainConfig
 
     out, _ = run
     base = out.parent / "tiny-llava"

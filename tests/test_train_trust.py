@@ -72,8 +72,8 @@ def test_resume_redoes_what_a_config_change_touches_and_nothing_else(trained, tm
 
 
 def test_a_changed_dataset_redoes_the_curriculum(trained, tmp_path):
-    from mfpo_train.command import train_folder
-    from mfpo_train.config import TrainConfig
+    from mfpo.train.command import train_folder
+    from mfpo.train.config import TrainConfig
 
     out, _ = trained
     data = tmp_path / "dataset"
@@ -216,8 +216,8 @@ def test_train_log_has_every_metric_of_every_step(trained):
 
 
 def test_one_schedule_across_the_curriculum_or_one_per_stage(trained, tmp_path):
-    from mfpo_train.command import train_folder
-    from mfpo_train.config import TrainConfig
+    from mfpo.train.command import train_folder
+    from mfpo.train.config import TrainConfig
 
     out, _ = trained
     base = {

@@ -26,7 +26,7 @@ from tiny_models import save_tiny_llava
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses, Ray or model builds: not in `make test-fast`
 
-PACKAGES = ("pipeline", "stages", "mfpo_train", "mfpo_publish", "mfpo_eval", "prompts")
+PACKAGES = ("pipeline", "stages", "mfpo", "prompts")
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,8 @@ from pathlib import Path
 import pipeline, prompts
 from stages.llm import load_template
 from stages.keywords import LEXICON_PATH
-from mfpo_publish.card import _TEMPLATE as DATASET_CARD
-from mfpo_train.card import _TEMPLATE as MODEL_CARD
+from mfpo.publish.card import _TEMPLATE as DATASET_CARD
+from mfpo.train.card import _TEMPLATE as MODEL_CARD
 here = Path(pipeline.__file__).resolve()
 assert str(here).startswith(str(Path(sys.prefix).resolve())), here  # the wheel's copy, not the checkout
 for name in {data!r}:

@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from mfpo.vlm import build_prompt, collate
 from pipeline.errors import PipelineError, RowError, first_line
 from pipeline.images import ImageLimits, decode_rgb, validate_image
-from pipeline.stage import StrictModel, describe_value
+from pipeline.stage import describe_value
 from pipeline.storage import write_json, write_text
+from pipeline.strict import StrictModel
 from stages.llm import LlmClient, LlmConfig, load_template
-from stages.vlm import build_prompt, collate
 
 log = logging.getLogger("mfpo")
 _RATING = re.compile(r"rating\s*[:=]\s*([0-6])\b", re.IGNORECASE)

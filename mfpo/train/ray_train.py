@@ -16,15 +16,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mfpo_train.config import TrainConfig
-from mfpo_train.records import StagePlan
+from mfpo.train.config import TrainConfig
+from mfpo.train.records import StagePlan
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("mfpo")
 
 
 def _worker(config: dict[str, Any]) -> None:
-    from mfpo_train.trainer import train
+    from mfpo.train.trainer import train
 
     train(
         TrainConfig.model_validate(config["train"]),

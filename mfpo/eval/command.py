@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mfpo_eval.evaluate import evaluate, headline, write_results
-from mfpo_eval.generate import question_file
+from mfpo.eval.evaluate import evaluate, headline, write_results
+from mfpo.eval.generate import question_file
+from mfpo.models import ModelConfig, missing_model_dir
 from pipeline.errors import PipelineError
 from pipeline.storage import RunLayout, Store, atomic_write, is_uri, local_folder, write_json, write_text
-from stages.common import ModelConfig, missing_model_dir
 
 log = logging.getLogger("mfpo")
 
@@ -32,9 +32,8 @@ def _name(model: str) -> str:
 def _base_model(cfg: Any, dataset: Path) -> ModelConfig:
     """The reference model the dataset was scored with (train.model when set): the starting point. A
     PipelineError when neither is known (a dataset without the score stage and no train.model)."""
-    from mfpo_train.config import TrainConfig
-    from mfpo_train.data import read_reference
-    from mfpo_train.trainer import policy_model_config
+    from mfpo.train.config import TrainConfig, policy_model_config
+    from mfpo.train.data import read_reference
 
     train = cfg.train if cfg.train is not None else TrainConfig()
     return policy_model_config(train, read_reference(dataset))
@@ -46,7 +45,7 @@ def _locks(cfg: Any, model: str | None, stages: bool) -> Iterator[None]:
     dataset, or `eval/` beside it, meanwhile; pushes, trainings and other evals read on), and the training
     folder shared while its `final/` model is read, exclusively with `--stages` (its records are read and the
     model card in `final/` is rewritten, so no training may write there meanwhile)."""
-    from mfpo_train.records import locations, own_dataset, paths
+    from mfpo.train.records import locations, own_dataset, paths
 
     train = locations(cfg)[1].rstrip("/")
     run = cfg.output_location.rstrip("/")
@@ -75,7 +74,7 @@ def run_eval(
 def _run_eval(
     cfg: Any, model: str | None, split: str | None, stages: bool, sync: bool
 ) -> list[tuple[str, Path, dict[str, Any]]]:
-    from mfpo_train.records import locations, paths
+    from mfpo.train.records import locations, paths
 
     settings = cfg.eval.model_copy(update={"split": split}) if split else cfg.eval
     dataset_location, train_location = locations(cfg)
@@ -134,7 +133,7 @@ def _run_eval(
 
 
 def _finished_stages(out: Path) -> list[Path]:
-    from mfpo_train.records import existing_stage_dirs
+    from mfpo.train.records import existing_stage_dirs
 
     return [d for d in existing_stage_dirs(out) if (d / "stage.json").is_file() and (d / "final").is_dir()]
 
@@ -160,8 +159,8 @@ def _stage_report(cfg: Any, dataset: Path, out: Path, rows: list[tuple[str, dict
     atomic_write(root / "stages.png", lambda tmp: tmp.write_bytes(plot))
     final = out / "final"
     if final.is_dir() and cfg.train is not None:
-        from mfpo_train.card import write_model_card
-        from mfpo_train.records import read_stage_records
+        from mfpo.train.card import write_model_card
+        from mfpo.train.records import read_stage_records
 
         atomic_write(final / "eval_stages.png", lambda tmp: tmp.write_bytes(plot))
         split = rows[0][1]["split"]
@@ -171,7 +170,7 @@ def _stage_report(cfg: Any, dataset: Path, out: Path, rows: list[tuple[str, dict
 def _line_plot(rows: list[tuple[str, dict[str, Any]]]) -> bytes:
     import math
 
-    from mfpo_publish.plots import figure, png_bytes
+    from mfpo.plots import figure, png_bytes
 
     names = [n for n, _ in rows]
     series = {c: [headline(r)[c] for _, r in rows] for c in headline(rows[0][1])}

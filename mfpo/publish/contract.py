@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from mfpo.masks import decode_mask
 from pipeline.determinism import stable_hash
-from stages.common import decode_mask
 
 REQUIRED = ("sample_id", "images", "prompt", "chosen", "rejected", "question", "chosen_text", "rejected_text")
 FINITE = ("difficulty", "ref_logp_chosen", "ref_logp_rejected", "ref_logp_chosen_noised")

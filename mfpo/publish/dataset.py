@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mfpo_publish.contract import shard_files
+from mfpo.publish.contract import shard_files
 from pipeline.determinism import stable_hash
 from pipeline.errors import PipelineError
 

@@ -1,4 +1,4 @@
-"""Evaluate one model on a split of the finished dataset: every measure of `mfpo_eval.metrics`, from the
+"""Evaluate one model on a split of the finished dataset: every measure of `mfpo.eval.metrics`, from the
 model's answer log-probabilities under its chat template (no sampling), batched, on CPU or CUDA.
 
 Per row of the split the model scores
@@ -22,15 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from mfpo_eval.config import EvalConfig
-from mfpo_eval.metrics import pope_metrics, pope_questions, pope_text, preference_metrics, sensitivity_metrics
-from mfpo_train.data import require_split
+from mfpo.eval.config import EvalConfig
+from mfpo.eval.metrics import pope_metrics, pope_questions, pope_text, preference_metrics, sensitivity_metrics
+from mfpo.masks import decode_mask
+from mfpo.models import ModelConfig, loading, select_dtype
+from mfpo.noise import composite, diffusion_noise, random_region
+from mfpo.train.data import require_split
+from mfpo.vlm import Example, answer_logps, answer_spans, build_prompt, collate, load_vlm, with_answer
 from pipeline.determinism import row_rng
 from pipeline.errors import PipelineError
 from pipeline.images import decode_rgb
-from stages.common import ModelConfig, decode_mask, loading, select_dtype
-from stages.perturb import composite, diffusion_noise, random_region
-from stages.vlm import Example, answer_logps, answer_spans, build_prompt, collate, load_vlm, with_answer
 
 log = logging.getLogger("mfpo")
 
@@ -123,7 +124,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every measure for one model on `cfg.split`; returns the results (what results.json holds). With
     `eval.generate.questions`, also the model's answers to them, written to `folder`."""
-    from mfpo_train.data import open_split
+    from mfpo.train.data import open_split
 
     require_split(dataset_dir, cfg.split)
     ds = open_split(dataset_dir, cfg.split, cache_dir or dataset_dir.parent / "_cache", EVAL_COLUMNS)
@@ -173,7 +174,7 @@ def evaluate(
         for s, qs in questions.items()
     }
     if cfg.generate.questions:
-        from mfpo_eval.generate import run_generate
+        from mfpo.eval.generate import run_generate
 
         if folder is None:
             raise PipelineError("eval.generate: answers need an output folder")
@@ -256,7 +257,7 @@ def headline(results: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _bar_plot(results: dict[str, Any], path: Path) -> None:
-    from mfpo_publish.plots import figure, png_bytes
+    from mfpo.plots import figure, png_bytes
     from pipeline.storage import atomic_write
 
     values = {k: v for k, v in headline(results).items() if v is not None and np.isfinite(v)}

@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from mfpo.models import ModelConfig
+from mfpo.train.records import TrainRefused
 from pipeline.registry import config_section
-from pipeline.stage import StrictModel
-from stages.common import ModelConfig
+from pipeline.strict import StrictModel
 
 
 class LoraSettings(StrictModel):
@@ -195,3 +196,14 @@ def argument_problems(cfg: TrainConfig) -> list[str]:
             except ValidationError as err:
                 problems.append(f"train.{key}: {err.errors()[0]['msg']} (got {value!r})")
     return problems
+
+
+def policy_model_config(cfg: TrainConfig, reference: dict[str, Any] | None) -> ModelConfig:
+    """train.model, or the reference model the dataset was scored with."""
+    if cfg.model is not None:
+        return cfg.model
+    if reference is None:
+        raise TrainRefused(
+            "train.model is not set and the dataset does not record its reference model: set train.model"
+        )
+    return ModelConfig(model=reference["model"], revision=reference.get("revision"))

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mfpo_publish import dataset as ds
-from mfpo_publish.plots import make_plots
+from mfpo.masks import decode_mask
+from mfpo.publish import dataset as ds
+from mfpo.publish.plots import make_plots
 from pipeline.errors import RowError
 from pipeline.images import ImageLimits, to_rgb, validate_image
 from pipeline.storage import write_json
-from stages.common import decode_mask
 
 PANEL_NAMES = ("original", "key objects", "dispreferred")
 RESAMPLE = Image.Resampling.BILINEAR  # non-negative weights: a pixel changes only if its footprint touches the mask
@@ -272,7 +272,7 @@ def write_preview(
     images = ds.source_images(output_dir, {q["sample_id"] for q in q_rows if not q.get("payload")})
     quarantine = [_page_quarantine(q, images.get(q["sample_id"])) for q in q_rows]
     buckets = sorted(set(summary["bucket"].to_pylist()) - {None}) if "bucket" in summary.column_names else []
-    env = Environment(loader=PackageLoader("mfpo_publish", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(loader=PackageLoader("mfpo.publish", "templates"), autoescape=select_autoescape(["html", "j2"]))
     page = env.get_template("index.html.j2").render(
         title=title,
         panel=size,

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from mfpo_eval.generate import GenerateSettings
+from mfpo.eval.generate import GenerateSettings
+from mfpo.noise import NoiseConfig
 from pipeline.registry import config_section
-from pipeline.stage import StrictModel
-from stages.perturb import NoiseConfig
+from pipeline.strict import StrictModel
 
 PopeSetting = Literal["random", "popular", "adversarial"]
 

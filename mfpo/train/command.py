@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mfpo_train.records import (
+from mfpo.train.records import (
     COMMITTED,
     StagePlan,
     TrainRefused,
@@ -47,7 +47,7 @@ _RECORDS = ("stage.json", "_started.json", COMMITTED)
 def dataset_fingerprint(cfg: Any, refuse: bool = True) -> str | None:
     """The dataset's fingerprint; for this run's own dataset, only when every stage is done for this config
     (TrainRefused otherwise, or None with refuse=False)."""
-    from mfpo_train.data import dataset_fingerprint as of_files
+    from mfpo.train.data import dataset_fingerprint as of_files
     from pipeline.runner import Runner, not_ready
 
     dataset, _ = paths(cfg)
@@ -135,13 +135,13 @@ def _train_locked(
     fingerprint = dataset_fingerprint(cfg)
     assert fingerprint is not None
     plans = plan_stages(cfg.train, fingerprint)
-    from mfpo_train.trainer import check_reference, world
+    from mfpo.train.trainer import check_reference, world
 
     if lead():
         check_reference(cfg.train, dataset)
     evaluate_stages = cfg.train.eval_after_each_stage
     if evaluate_stages:
-        from mfpo_train.data import require_split
+        from mfpo.train.data import require_split
         from pipeline.errors import PipelineError
 
         try:
@@ -159,23 +159,23 @@ def _train_locked(
         if publish is not None:
             publish()  # what prepare_output removed goes from the store too (markers first)
     if ray_workers:
-        from mfpo_train.ray_train import launch
-        from mfpo_train.records import read_stage_records
+        from mfpo.train.ray_train import launch
+        from mfpo.train.records import read_stage_records
 
         launch(cfg.train, dataset, out, cfg.run.seed, plans, cfg.run.ray.address, cfg.run.ray.num_cpus)
         summary = read_stage_records(out)
     else:
-        from mfpo_train.trainer import train
+        from mfpo.train.trainer import train
 
         summary = train(cfg.train, dataset, out, cfg.run.seed, plans, publish)
     if lead():
-        from mfpo_train.card import write_model_card
+        from mfpo.train.card import write_model_card
 
         write_model_card(out / "final", cfg, dataset, summary)
         if evaluate_stages and evaluate is not None:
             evaluate()  # under this training's locks, before its upload: the card gets the before/after table
         if cfg.train.extra_arguments.get("push_to_hub"):
-            from mfpo_train.trainer import push_model
+            from mfpo.train.trainer import push_model
 
             log.info("train: model pushed: %s", push_model(cfg.train, out / "final"))
     return summary
@@ -218,8 +218,8 @@ def train_folder(
 ) -> dict[str, Any]:
     """Train on any finished dataset folder without a pipeline config (the Python entry point): the same
     fingerprints, folder rules and reference check as `python -m pipeline train`, in this process."""
-    from mfpo_train.data import dataset_fingerprint as of_files
-    from mfpo_train.trainer import check_reference, train, world
+    from mfpo.train.data import dataset_fingerprint as of_files
+    from mfpo.train.trainer import check_reference, train, world
 
     plans = plan_stages(cfg, of_files(dataset))
     check_reference(cfg, dataset)

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-_TEMPLATE = Path(str(resources.files("mfpo_train") / "templates" / "model_card.md.j2"))  # package data
+_TEMPLATE = Path(str(resources.files("mfpo.train") / "templates" / "model_card.md.j2"))  # package data
 
 
 def write_model_card(
@@ -24,8 +24,8 @@ def write_model_card(
     card with it; a card written by training has none until its stages are evaluated."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from mfpo_train.data import read_reference
-    from mfpo_train.trainer import policy_model_config
+    from mfpo.train.config import policy_model_config
+    from mfpo.train.data import read_reference
 
     train = cfg.train
     base_model = policy_model_config(train, read_reference(dataset_dir)).model

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mfpo_publish import dataset as ds
+from mfpo.publish import dataset as ds
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("mfpo")
@@ -98,7 +98,7 @@ def _sha256(source: Path | bytes) -> str:
 # ------------------------------------------------------------------------------------------ readiness
 def check_ready(config: Any, statuses: list[Any], settings: Any, allow_stale: bool) -> None:
     """Refuse (PushRefused) a dataset that is not done for this config or fails the contract check."""
-    from mfpo_publish.contract import check_dataset
+    from mfpo.publish.contract import check_dataset
     from pipeline.runner import not_ready
 
     if "write" not in config.stages:
@@ -121,7 +121,7 @@ def check_ready(config: Any, statuses: list[Any], settings: Any, allow_stale: bo
 # ------------------------------------------------------------------------------------------ local files
 def local_files(config: Any, statuses: list[Any], repo_id: str, revision: str | None) -> list[LocalFile]:
     """Every file of the repo, in upload order: data shards, pictures, config and summary, card last."""
-    from mfpo_publish.card import dataset_files
+    from mfpo.publish.card import dataset_files
 
     dataset_dir = Path(config.output_dir) / "dataset"
     shards = sorted((dataset_dir / "data").glob("*.parquet"))

@@ -47,8 +47,8 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
+from mfpo.vlm import answer_logps
 from pipeline.errors import PipelineError
-from stages.vlm import answer_logps
 
 log = logging.getLogger("mfpo")
 

@@ -23,15 +23,15 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from mfpo_train import records
-from mfpo_train.config import TrainConfig
-from mfpo_train.data import MFPOCollator, RowsDataset, bucket_indices, open_split, read_reference, splits
-from mfpo_train.loss import LossWeights, mfpo_loss
-from mfpo_train.prefix import PrefixSharingUnsupported, resolve, shared_prefix_logps
+from mfpo.loss import LossWeights, mfpo_loss
+from mfpo.models import ModelConfig, select_dtype
+from mfpo.train import records
+from mfpo.train.config import TrainConfig, policy_model_config
+from mfpo.train.data import MFPOCollator, RowsDataset, bucket_indices, open_split, read_reference, splits
+from mfpo.train.prefix import PrefixSharingUnsupported, resolve, shared_prefix_logps
+from mfpo.vlm import answer_logps, load_vlm, reference_mismatch, reference_record
 from pipeline.errors import PipelineError
 from pipeline.storage import atomic_write, write_json
-from stages.common import ModelConfig, select_dtype
-from stages.vlm import answer_logps, load_vlm, reference_mismatch, reference_record
 
 log = logging.getLogger("mfpo")
 
@@ -187,17 +187,6 @@ class _StepLog(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------ the policy
-def policy_model_config(cfg: TrainConfig, reference: dict[str, Any] | None) -> ModelConfig:
-    """train.model, or the reference model the dataset was scored with."""
-    if cfg.model is not None:
-        return cfg.model
-    if reference is None:
-        raise records.TrainRefused(
-            "train.model is not set and the dataset does not record its reference model: set train.model"
-        )
-    return ModelConfig(model=reference["model"], revision=reference.get("revision"))
-
-
 def device_and_dtype(model_cfg: ModelConfig) -> tuple[torch.device, torch.dtype]:
     """The numeric regime the score stage uses for the same settings: weights in this dtype, no autocast."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,11 +4,11 @@ no software tag), so rebuilding a card from the same dataset gives the same file
 
 from __future__ import annotations
 
-import io
 from collections import Counter
-from typing import Any
 
 import pyarrow as pa
+
+from mfpo.plots import figure, png_bytes
 
 PLOTS = {
     "difficulty_by_bucket.png": "Difficulty per bucket",
@@ -42,28 +42,6 @@ def make_plots(table: pa.Table, top_phrases: int = 20) -> dict[str, bytes]:
             [p for p, _ in top][::-1], [c for _, c in top][::-1], PLOTS["key_phrases.png"], "", horizontal=True
         )
     return out
-
-
-def figure(height: float = 3.2, width: float = 6.4) -> Any:
-    """(fig, ax) on the headless backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display, no GUI toolkit
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
-    return fig, ax
-
-
-def png_bytes(fig: Any) -> bytes:
-    """The figure as PNG bytes (closed after), the same bytes for the same figure on every rebuild."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", metadata={"Software": None})  # no version tag: same bytes on rebuild
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _difficulty(values: list[float], buckets: list[str] | None) -> bytes:

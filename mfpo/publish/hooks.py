@@ -19,7 +19,7 @@ def dataset_card(config: Any, output_dir: Path, statuses: list[Any]) -> None:
     done = {s.name: s.state for s in statuses}
     if write is None or not write.card or done.get("write") != "done":
         return
-    from mfpo_publish.card import dataset_files, write_dataset_files
+    from mfpo.publish.card import dataset_files, write_dataset_files
 
     push = config.push
     files = dataset_files(

@@ -13,10 +13,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
+from mfpo.vlm import REFERENCE_KEY, answer_spans, build_prompt, collate, with_answer
 from pipeline.determinism import stable_hash
 from pipeline.errors import PipelineError
 from pipeline.images import decode_rgb
-from stages.vlm import REFERENCE_KEY, answer_spans, build_prompt, collate, with_answer
 
 REF_COLUMNS = ("ref_logp_chosen", "ref_logp_rejected", "ref_logp_chosen_noised")
 COLUMNS = ("sample_id", "images", "question", "chosen_text", "rejected_text", "rejected_image", "bucket", *REF_COLUMNS)

@@ -18,15 +18,15 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
-from mfpo_publish import dataset as ds
-from mfpo_publish.plots import PLOTS
-from mfpo_publish.preview import card_pictures
+from mfpo.publish import dataset as ds
+from mfpo.publish.plots import PLOTS
+from mfpo.publish.preview import card_pictures
 from pipeline.storage import atomic_write
 
 TAGS = ["mfpo", "preference", "dpo", "multimodal", "vision-language", "hallucination"]
 DEFAULT_LICENSE = "unknown"
 CARD_PREVIEW_ROWS = 8
-_TEMPLATE = Path(str(resources.files("mfpo_publish") / "templates" / "dataset_card.md.j2"))  # package data
+_TEMPLATE = Path(str(resources.files("mfpo.publish") / "templates" / "dataset_card.md.j2"))  # package data
 
 
 def dataset_files(
