@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,8 +122,11 @@ def ray_cluster(root: Path, env: dict[str, str], nodes: int = 2, cpus_per_node: 
     procs: list[subprocess.Popen] = []
     address = f"127.0.0.1:{port}"
     log = open(root / "ray-nodes.log", "ab")  # noqa: SIM115 - closed below
+    # The nodes' session folders hold AF_UNIX sockets, whose paths may not exceed 107 bytes: a short folder of
+    # their own, not pytest's (deep under pytest-xdist's per-worker basetemp).
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     try:
-        head = ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(root / "node-0")]
+        head = ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp / "node-0")]
         procs.append(
             subprocess.Popen(
                 [str(BIN / "ray"), "start", *head, *common],
@@ -135,7 +140,7 @@ def ray_cluster(root: Path, env: dict[str, str], nodes: int = 2, cpus_per_node: 
         for k in range(1, nodes):
             procs.append(
                 subprocess.Popen(
-                    [str(BIN / "ray"), "start", "--address", address, "--temp-dir", str(root / f"node-{k}"), *common],
+                    [str(BIN / "ray"), "start", "--address", address, "--temp-dir", str(temp / f"node-{k}"), *common],
                     env=full_env,
                     stdout=log,
                     stderr=log,
@@ -148,6 +153,7 @@ def ray_cluster(root: Path, env: dict[str, str], nodes: int = 2, cpus_per_node: 
         for proc in reversed(procs):
             _stop(proc)
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def cluster_env(address_env: dict[str, str], root: Path) -> dict[str, str]:
