@@ -58,7 +58,7 @@ browser:
 	else echo "no chromium and no apt-get as root: the browser test will be skipped"; fi
 
 test: lint groundingdino-env browser
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The fast tier, for every change: no subprocess CLI, no Ray, no model beyond the tiny fixtures (under 2 minutes).
 test-fast: lint
