@@ -38,21 +38,23 @@ def test_the_tree_keeps_every_contract(tmp_path):
     assert "0 broken" in proc.stdout
 
 
-def test_an_upward_import_breaks_the_lint(tmp_path):
+def _lint_with(tmp_path: Path, module: str, line: str) -> subprocess.CompletedProcess[str]:
+    """lint-imports on a copy of the tree where `module` (a path under the root) has one more import line."""
     root = _copy(tmp_path)
-    runner = root / "pipeline" / "runner.py"
-    runner.write_text(runner.read_text() + "\n\nfrom mfpo.train.trainer import train  # noqa: E402\n")
-    proc = _lint_imports(root)
+    path = root / module
+    path.write_text(path.read_text() + f"\n\n{line}  # noqa: E402\n")
+    return _lint_imports(root)
+
+
+def test_an_upward_import_breaks_the_lint(tmp_path):
+    proc = _lint_with(tmp_path, "pipeline/runner.py", "from mfpo.train.trainer import train")
     assert proc.returncode != 0
     assert "the engine imports no stage, no method and no application package BROKEN" in proc.stdout
     assert "pipeline.runner -> mfpo.train.trainer" in proc.stdout
 
 
 def test_the_method_importing_a_stage_breaks_the_lint(tmp_path):
-    root = _copy(tmp_path)
-    vlm = root / "mfpo" / "vlm.py"
-    vlm.write_text(vlm.read_text() + "\n\nfrom stages.common import meta_field  # noqa: E402\n")
-    proc = _lint_imports(root)
+    proc = _lint_with(tmp_path, "mfpo/vlm.py", "from stages.common import meta_field")
     assert proc.returncode != 0
     assert "the method imports neither the engine nor the stages nor an application BROKEN" in proc.stdout
     assert "mfpo.vlm -> stages.common" in proc.stdout
