@@ -2,7 +2,7 @@
 
 Backends:
 - `lexicon` (default, no weights). `ranking.method: pair` (default): the noun phrases of the question, the
-  chosen and the rejected answer (any noun, known to the lexicon or not: stages.key_objects), ranked by what
+  chosen and the rejected answer (any noun, known to the lexicon or not: stages.key_phrases), ranked by what
   the answers disagree about, the question's focus and the chosen answer's subject, with the weights in
   `ranking.pair`. `ranking.method: graph`: object mentions found by longest match against the project's object
   vocabulary (`stages/data/object_lexicon.json`: LVIS v1 + COCO category names, synonyms and plurals), ranked by
@@ -43,7 +43,9 @@ from pipeline.registry import register
 from pipeline.stage import RowStage, StageConfig
 from pipeline.strict import StrictModel
 from stages.common import FLOATS_TYPE, STRINGS_TYPE, missing_package, require
-from stages.key_objects import Phrase, Weights, rank_pair, singular
+from stages.key_lexicon import singular
+from stages.key_objects import Weights, rank_pair
+from stages.key_phrases import Phrase
 from stages.llm import LlmClient, LlmConfig, load_template
 from stages.parsed_phrases import parsed_phrases
 

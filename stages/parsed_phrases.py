@@ -1,10 +1,10 @@
-"""Noun phrases from a dependency parse (the keywords stage's `spacy` backend), as `key_objects.noun_phrases` reads
+"""Noun phrases from a dependency parse (the keywords stage's `spacy` backend), as `key_phrases.noun_phrases` reads
 them from the words alone, so that both backends rank by the same `key_objects.rank_pair`.
 
 The parse decides what the rules guess: which words are nouns, verbs and adjectives (spaCy's `pos_`), where a noun
 phrase starts and ends (`doc.noun_chunks`), whose part a noun is (`poss`), what a verb acts on (`dobj`), what
 describes a subject from across a verb (`acomp`: "the bus is red"), and what an "of" attaches to ("a flock of
-birds"). The vocabulary rules stay those of `key_objects`: closed-class words, position and generic words are never
+birds"). The vocabulary rules stay those of `key_lexicon`: closed-class words, position and generic words are never
 phrases, a colour or material word is a modifier unless a determiner makes it a thing of its own ("an orange"),
 measure and collective nouns, containers, parts and attributes resolve to their "of" complement, and known
 multi-word names ("hot dog") stay one noun. Reads a spaCy `Doc` through its attributes only: no spaCy import.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.key_objects import (
+from stages.key_lexicon import (
     ATTRIBUTES,
     CLOSED,
     COLLECTIVES,
@@ -26,11 +26,9 @@ from stages.key_objects import (
     NUMBERS,
     OBJECT_PARTS,
     PLURAL_DETERMINERS,
-    Chunk,
-    Phrase,
-    chunk_phrase,
     singular,
 )
+from stages.key_phrases import Chunk, Phrase, chunk_phrase
 
 NOUN_TAGS = frozenset({"NOUN", "PROPN"})
 OBJECT_DEPS = frozenset({"dobj", "obj"})
@@ -80,7 +78,7 @@ def parsed_phrases(doc: Any, multiword: frozenset[tuple[str, ...]] = frozenset()
 
 
 def _chunk(tokens: list[Any], multiword: frozenset[tuple[str, ...]]) -> Chunk:
-    """The words of a noun chunk sorted as `key_objects` sorts them: determiner, modifiers, nouns."""
+    """The words of a noun chunk sorted as `key_phrases` sorts them: determiner, modifiers, nouns."""
     chunk = Chunk()
     words = [t.lower_ for t in tokens]
     name = _multiword_suffix(words, multiword)  # "a hot dog": one noun, whatever "hot" was tagged

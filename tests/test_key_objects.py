@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.key_objects import noun_phrases, rank_pair
+from stages.key_objects import rank_pair
+from stages.key_phrases import noun_phrases
 from stages.keywords import LEXICON_PATH, LexiconConfig, load_lexicon
 
 

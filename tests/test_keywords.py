@@ -144,7 +144,7 @@ def test_the_default_holds_its_floor_on_the_labelled_set():
     in 97%, and no colour, position or generic word and no verb is ever a key phrase."""
     import importlib.util
 
-    from stages.key_objects import COLOUR_NOUNS, COLOURS, GENERIC, POSITIONS
+    from stages.key_lexicon import COLOUR_NOUNS, COLOURS, GENERIC, POSITIONS
 
     path = Path(__file__).parents[1] / "bench" / "keywords_accuracy.py"
     spec = importlib.util.spec_from_file_location("keywords_accuracy", path)

@@ -13,7 +13,9 @@ import pytest
 from stage_runner import build_stage
 
 from pipeline.errors import PipelineError
-from stages.key_objects import noun_phrases, rank_pair, singular
+from stages.key_lexicon import singular
+from stages.key_objects import rank_pair
+from stages.key_phrases import noun_phrases
 from stages.parsed_phrases import parsed_phrases
 
 spacy = pytest.importorskip("spacy")
